@@ -1,0 +1,39 @@
+"""Embedwarden client: a typed, blocking gRPC client and the `embedwarden` CLI.
+
+Installs without any deep-learning framework (`pip install embedwarden`).
+"""
+
+from ._client import Client, Extraction, ModelIdentity, image_input
+from ._exceptions import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    EmbedwardenError,
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "EmbedwardenError",
+    "Extraction",
+    "FailedPrecondition",
+    "InternalError",
+    "InvalidArgument",
+    "ModelIdentity",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "image_input",
+]

@@ -1,0 +1,348 @@
+"""`Client`: a blocking Python client for the Embedwarden service.
+
+Retries: UNAVAILABLE is retried by gRPC itself (service-config retry policy with exponential
+backoff), so a server that is restarting or still loading is waited for within the deadline.
+Every RPC has a deadline (`timeout`, per call or per client). Errors arrive as the typed
+exceptions of `embedwarden.client` (`InvalidArgument`, `NotFound`, ...), never as grpc.RpcError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedwarden.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    index_pb2_grpc,
+    types_pb2,
+)
+
+from ._exceptions import EmbedwardenError, from_rpc_error, from_status
+from ._tensor import to_array, to_tensor
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ImageLike = bytes | bytearray | memoryview | np.ndarray | str | os.PathLike[str]
+
+POOLINGS = {
+    "default": types_pb2.POOLING_UNSPECIFIED,
+    "none": types_pb2.POOLING_NONE,
+    "avg": types_pb2.POOLING_AVG,
+    "max": types_pb2.POOLING_MAX,
+    "cls": types_pb2.POOLING_CLS,
+    "token_mean": types_pb2.POOLING_TOKEN_MEAN,
+}
+DTYPES = {"float32": types_pb2.DTYPE_FLOAT32, "float16": types_pb2.DTYPE_FLOAT16}
+CACHE_MODES = {
+    "on": types_pb2.CACHE_MODE_ON,
+    "off": types_pb2.CACHE_MODE_OFF,
+    "refresh": types_pb2.CACHE_MODE_REFRESH,
+}
+T = TypeVar("T")
+
+
+def default_address() -> str:
+    return os.environ.get("EMBEDWARDEN_SERVER", DEFAULT_ADDRESS)
+
+
+def _service_config(retries: int) -> str:
+    return json.dumps({
+        "methodConfig": [{
+            "name": [{"service": s} for s in (
+                "embedwarden.v1.EmbeddingService",
+                "embedwarden.v1.AdminService",
+                "embedwarden.v1.IndexService",
+            )],
+            "retryPolicy": {
+                "maxAttempts": max(2, min(5, retries + 1)),
+                "initialBackoff": "0.2s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    })
+
+
+def model_ref(model: str, version: str = "") -> types_pb2.ModelRef:
+    """'name', or 'name@version' when `version` is not given separately."""
+    if "@" in model and not version:
+        model, version = model.split("@", 1)
+    return types_pb2.ModelRef(name=model, version=version)
+
+
+def image_input(image: ImageLike) -> types_pb2.Input:
+    """Encoded bytes, a file path (sent as its bytes), or a uint8 H x W x 3 RGB array."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return types_pb2.Input(encoded=bytes(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"arrays must be uint8 [height, width, 3] RGB, got {image.dtype} {image.shape}"
+            )
+        return types_pb2.Input(raw=to_tensor(image))
+    return types_pb2.Input(encoded=Path(image).read_bytes())
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    version: str
+    fingerprint: str
+    weights_sha256: str
+
+    @classmethod
+    def from_proto(cls, m: types_pb2.ModelIdentity) -> ModelIdentity:
+        return cls(m.name, m.version, m.fingerprint, m.weights_sha256)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Embeddings of one request, stacked per layer in input order."""
+
+    model: ModelIdentity
+    arrays: dict[str, np.ndarray]  # layer -> [n_inputs, *shape]
+    layouts: dict[str, str]
+    cached: dict[str, np.ndarray]  # layer -> bool per input
+    timings: dict[str, float]
+
+    @property
+    def array(self) -> np.ndarray:
+        """The only layer's array (raises if several layers were requested)."""
+        if len(self.arrays) != 1:
+            raise ValueError(f"several layers were extracted: {list(self.arrays)}")
+        return next(iter(self.arrays.values()))
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        return self.arrays[layer]
+
+    @classmethod
+    def from_proto(cls, response: embedding_pb2.ExtractResponse) -> Extraction:
+        layers = [e.layer for e in response.items[0].embeddings] if response.items else []
+        arrays: dict[str, np.ndarray] = {}
+        cached: dict[str, np.ndarray] = {}
+        layouts: dict[str, str] = {}
+        for j, layer in enumerate(layers):
+            rows = [item.embeddings[j] for item in response.items]
+            arrays[layer] = np.stack([to_array(r.embedding) for r in rows])
+            cached[layer] = np.array([r.cached for r in rows], dtype=bool)
+            layouts[layer] = rows[0].layout
+        t = response.timings
+        timings = {"cache": t.cache_seconds, "queue": t.queue_seconds,
+                   "preprocess": t.preprocess_seconds, "inference": t.inference_seconds,
+                   "total": t.total_seconds}
+        return cls(ModelIdentity.from_proto(response.model), arrays, layouts, cached, timings)
+
+
+class Client:
+    """Blocking client. Use as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retries: int = 4,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        tls: bool | None = None,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        token = token if token is not None else os.environ.get("EMBEDWARDEN_TOKEN")
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _service_config(retries)),
+        ]
+        use_tls = tls if tls is not None else root_certificates is not None
+        if use_tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates, private_key, certificate_chain
+            )
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._index = index_pb2_grpc.IndexServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+                wait_for_ready=False,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # --- health -----------------------------------------------------------------------
+
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """'SERVING', 'NOT_SERVING', 'SERVICE_UNKNOWN' or 'UNKNOWN'."""
+        response = self._call(self._health.Check,
+                              health_pb2.HealthCheckRequest(service=service), timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_until_serving(self, timeout: float = 300.0, service: str = "") -> None:
+        """Blocks until the health service reports SERVING (e.g. models loaded and checked)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.health(service) == "SERVING":
+                    return
+            except EmbedwardenError as exc:
+                last = exc
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f}s (last: {last})")
+
+    # --- embeddings -------------------------------------------------------------------
+
+    def _extract_request(
+        self,
+        images: Sequence[ImageLike],
+        model: str,
+        version: str,
+        layers: str | Sequence[str] | None,
+        pooling: str,
+        dtype: str,
+        normalize: bool,
+        cache: str,
+    ) -> embedding_pb2.ExtractRequest:
+        layer_list = [layers] if isinstance(layers, str) else list(layers or [])
+        for what, value, table in (("pooling", pooling, POOLINGS), ("dtype", dtype, DTYPES),
+                                   ("cache", cache, CACHE_MODES)):
+            if value not in table:
+                raise ValueError(f"{what} must be one of {sorted(table)}, got {value!r}")
+        return embedding_pb2.ExtractRequest(
+            model=model_ref(model, version),
+            layers=layer_list,
+            pooling=POOLINGS[pooling],
+            dtype=DTYPES[dtype],
+            normalize=normalize,
+            inputs=[image_input(i) for i in images],
+            cache=CACHE_MODES[cache],
+        )
+
+    def extract(
+        self,
+        images: Sequence[ImageLike],
+        model: str,
+        *,
+        version: str = "",
+        layers: str | Sequence[str] | None = None,
+        pooling: str = "default",
+        dtype: str = "float32",
+        normalize: bool = False,
+        cache: str = "on",
+        timeout: float | None = None,
+    ) -> Extraction:
+        """Embeds `images` (bytes, paths or uint8 RGB arrays); arrays come back in input order.
+
+        `model` may be "name" or "name@version"; the result names the exact version used."""
+        request = self._extract_request(images, model, version, layers, pooling, dtype,
+                                        normalize, cache)
+        return Extraction.from_proto(self._call(self._embedding.Extract, request, timeout))
+
+    def extract_stream(
+        self,
+        images: Iterable[ImageLike],
+        model: str,
+        *,
+        batch_size: int = 32,
+        version: str = "",
+        layers: str | Sequence[str] | None = None,
+        pooling: str = "default",
+        dtype: str = "float32",
+        normalize: bool = False,
+        cache: str = "on",
+        timeout: float | None = None,
+    ) -> Iterator[Extraction]:
+        """Bulk extraction over one bidirectional stream: yields one Extraction per chunk of
+        `batch_size` inputs, in order. A failing chunk raises its typed error."""
+
+        def chunks() -> Iterator[list[ImageLike]]:
+            chunk: list[ImageLike] = []
+            for image in images:
+                chunk.append(image)
+                if len(chunk) >= batch_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        def requests() -> Iterator[embedding_pb2.ExtractStreamRequest]:
+            for i, chunk in enumerate(chunks()):
+                yield embedding_pb2.ExtractStreamRequest(
+                    request_id=str(i),
+                    request=self._extract_request(chunk, model, version, layers, pooling, dtype,
+                                                  normalize, cache),
+                )
+
+        try:
+            responses = self._embedding.ExtractStream(
+                requests(), timeout=timeout, metadata=self._metadata
+            )
+            for message in responses:
+                if message.HasField("error"):
+                    raise from_status(message.error.code,
+                                      f"chunk {message.request_id}: {message.error.message}")
+                yield Extraction.from_proto(message.response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def ping(self, payload: bytes = b"", response_bytes: int = 0) -> bytes:
+        request = embedding_pb2.PingRequest(payload=payload, response_bytes=response_bytes)
+        return bytes(self._call(self._embedding.Ping, request).payload)
+
+    # --- models -----------------------------------------------------------------------
+
+    def list_models(self) -> list[embedding_pb2.ModelSummary]:
+        return list(self._call(self._embedding.ListModels,
+                               embedding_pb2.ListModelsRequest()).models)
+
+    def describe_model(self, model: str, version: str = "") -> embedding_pb2.DescribeModelResponse:
+        request = embedding_pb2.DescribeModelRequest(model=model_ref(model, version))
+        return self._call(self._embedding.DescribeModel, request)
+
+    def load_model(self, model: str, version: str = "",
+                   timeout: float | None = 600.0) -> admin_pb2.LoadModelResponse:
+        request = admin_pb2.LoadModelRequest(model=model_ref(model, version))
+        return self._call(self._admin.LoadModel, request, timeout)
+
+    def unload_model(self, model: str, version: str = "") -> admin_pb2.UnloadModelResponse:
+        request = admin_pb2.UnloadModelRequest(model=model_ref(model, version))
+        return self._call(self._admin.UnloadModel, request)

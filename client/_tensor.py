@@ -1,0 +1,53 @@
+"""numpy <-> `embedwarden.v1.Tensor` (raw little-endian bytes + shape + dtype), without copies
+where the layout allows. Shared by the client and the server."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedwarden.v1 import types_pb2
+
+_TO_NUMPY = {
+    types_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    types_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
+    types_pb2.DTYPE_UINT8: np.dtype("u1"),
+}
+_FROM_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in _TO_NUMPY.items()}
+DTYPE_NAMES = {
+    types_pb2.DTYPE_FLOAT32: "float32",
+    types_pb2.DTYPE_FLOAT16: "float16",
+    types_pb2.DTYPE_UINT8: "uint8",
+}
+
+
+class TensorError(ValueError):
+    """A Tensor message whose bytes, shape and dtype do not agree."""
+
+
+def to_tensor(array: np.ndarray) -> types_pb2.Tensor:
+    dtype = array.dtype.newbyteorder("=")
+    if dtype not in _FROM_NUMPY:
+        raise TensorError(f"unsupported dtype {array.dtype}; use float32, float16 or uint8")
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return types_pb2.Tensor(
+        data=np.ascontiguousarray(little).tobytes(),
+        shape=list(array.shape),
+        dtype=_FROM_NUMPY[dtype],
+    )
+
+
+def to_array(tensor: types_pb2.Tensor) -> np.ndarray:
+    """A read-only view over the message bytes."""
+    dtype = _TO_NUMPY.get(tensor.dtype)
+    if dtype is None:
+        raise TensorError(f"tensor dtype {tensor.dtype} is not float32, float16 or uint8")
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dtype.itemsize != len(tensor.data):
+        raise TensorError(
+            f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
+            f"{count * dtype.itemsize} bytes, got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

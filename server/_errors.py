@@ -1,0 +1,62 @@
+"""Typed domain errors. Each maps to exactly one gRPC status code in `_rpc_errors`.
+
+Messages are written for the caller: they say what was wrong and how to fix the request.
+"""
+
+from __future__ import annotations
+
+
+class EmbedwardenError(Exception):
+    """Base of every error the service reports on purpose."""
+
+
+class InvalidInput(EmbedwardenError):
+    """The request is malformed: a bad image, a wrong array, an unknown enum value, a bad name."""
+
+
+class LimitExceeded(InvalidInput):
+    """The request is well formed but larger than a configured limit (inputs, pixels, ids)."""
+
+
+class NotFound(EmbedwardenError):
+    """A named model, version, layer or collection does not exist."""
+
+
+class AlreadyExists(EmbedwardenError):
+    """Creating something that exists already, with different settings."""
+
+
+class FailedPrecondition(EmbedwardenError):
+    """The request is valid but the system is not in a state to run it."""
+
+
+class FingerprintMismatch(FailedPrecondition):
+    """Vectors of one model version sent to a collection bound to another."""
+
+
+class WeightsVerificationError(FailedPrecondition):
+    """A weights file is missing or its SHA-256 differs from the manifest: the model won't load."""
+
+
+class ConsistencyFailure(FailedPrecondition):
+    """A model's outputs differ from its golden embeddings beyond tolerance."""
+
+
+class ManifestError(InvalidInput):
+    """A model manifest is invalid, or conflicts with a registered one."""
+
+
+class Overloaded(EmbedwardenError):
+    """A bounded queue is full; the client should back off and retry."""
+
+
+class Unavailable(EmbedwardenError):
+    """Temporarily unable to serve (model still loading, server shutting down); retry later."""
+
+
+class Unauthenticated(EmbedwardenError):
+    """Missing or unknown credentials."""
+
+
+class PermissionDenied(EmbedwardenError):
+    """Known caller without the role this RPC needs."""

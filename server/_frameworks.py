@@ -1,0 +1,128 @@
+"""Process-wide framework setup: import order, threads, determinism flags, device choice.
+
+These settings are global to the process, so the server sets them once, at start, from its
+Settings; no model loader touches them (co-loaded models would otherwise change each other's
+numerics). The consistency monitor reports them and counts changes.
+
+Import order matters: Triton's LLVM (pulled in by torch/torchvision) segfaults when it is loaded
+after TensorFlow in one process, so torch, torchvision and triton are always imported first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_configured = False
+
+
+def import_torch() -> ModuleType:
+    import torch
+    import torchvision  # noqa: F401  (loads its ops, and Triton, before any TensorFlow)
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+    return torch
+
+
+def import_tensorflow() -> ModuleType:
+    """TensorFlow, imported after torch, quiet, and without grabbing all GPU memory."""
+    import_torch()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised: growth can no longer change
+            log.warning("could not enable TensorFlow memory growth on %s", gpu.name)
+    return tf
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> str:
+    torch = import_torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            from ._errors import FailedPrecondition
+
+            raise FailedPrecondition(f"--device {device}: no CUDA device is available")
+        return device
+    if device != "cpu":
+        from ._errors import InvalidInput
+
+        raise InvalidInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def configure_process(*, deterministic: bool, torch_threads: int) -> None:
+    """Sets the process-wide numeric flags once, before any model loads."""
+    global _configured
+    if deterministic:
+        # Must be set before the first cuBLAS handle exists.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch = import_torch()
+    threads = torch_threads or available_cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    _configured = True
+    log.info("process flags: deterministic=%s torch_threads=%d", deterministic, threads)
+
+
+def process_flags() -> dict[str, str]:
+    """The process-wide settings that can change outputs, as strings (for the info metric)."""
+    import numpy
+    import PIL
+
+    torch = import_torch()
+    import torchvision
+
+    flags = {
+        "cudnn_benchmark": str(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": str(torch.backends.cudnn.deterministic),
+        "deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
+        "cuda_matmul_tf32": str(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_tf32": str(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch_interop_threads": str(torch.get_num_interop_threads()),
+        "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "nvidia_tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE", "unset"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "cuda": str(torch.version.cuda),
+        "mkldnn": str(torch.backends.mkldnn.is_available()),
+    }
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        import keras
+
+        flags["tensorflow"] = tf.__version__
+        flags["keras"] = keras.__version__
+        flags["tf_intra_op_threads"] = str(tf.config.threading.get_intra_op_parallelism_threads())
+        flags["tf_inter_op_threads"] = str(tf.config.threading.get_inter_op_parallelism_threads())
+        flags["keras_floatx"] = keras.config.floatx()
+        flags["keras_image_data_format"] = keras.config.image_data_format()
+        flags["keras_dtype_policy"] = keras.config.dtype_policy().name
+    return flags

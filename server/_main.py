@@ -1,0 +1,21 @@
+"""`embedwarden serve` / `python -m embedwarden.server`: parse settings, configure logging, run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import _settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = _settings.parse(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from ._app import serve  # heavy imports (torch) only once settings parsed
+
+    return serve(settings)

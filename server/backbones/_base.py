@@ -1,0 +1,38 @@
+"""What the serving layer needs from a loaded backbone, whatever its framework."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .._manifest import Manifest
+
+
+class Backbone(Protocol):
+    """A loaded, verified model in inference mode that returns catalogued layer outputs."""
+
+    manifest: Manifest
+    device: str
+
+    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """Runs one batch (preprocessed, in the manifest's layout) and returns float32 numpy
+        arrays of shape [N, *layer.shape] for each requested layer name."""
+        ...
+
+    def state_checksum(self) -> str:
+        """SHA-256 over every in-memory parameter and buffer (names, dtypes, values)."""
+        ...
+
+    def training_modules(self) -> list[str]:
+        """Names of submodules/layers that would behave as in training; must be empty."""
+        ...
+
+    def set_training(self, module_name: str, training: bool) -> None:
+        """Switches one submodule's mode (fault injection in tests; never used when serving)."""
+        ...
+
+    def close(self) -> None:
+        """Releases memory (and device memory) held by the model."""
+        ...

@@ -1,0 +1,211 @@
+"""PyTorch backbones: the built-in EfficientNet-Lite and any torchvision classification model.
+
+Intermediate layers come from `torchvision.models.feature_extraction.create_feature_extractor`
+(one extractor per requested layer set, cached). Two traps are closed here:
+- a fresh extractor is in training mode: every extractor is put in eval mode, and the load fails
+  if any submodule is still training;
+- in-place ops (ReLU(inplace=True), `+=`, `relu_`) would overwrite a captured tensor: they are
+  rewritten out of place in the model and in every traced graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import operator
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._errors import ManifestError
+from .._frameworks import import_torch
+from .._manifest import ArchitectureSpec, Manifest
+
+torch = import_torch()
+from torch import fx, nn  # noqa: E402
+from torchvision import models as tv_models  # noqa: E402
+from torchvision.models.feature_extraction import (  # noqa: E402
+    create_feature_extractor,
+    get_graph_node_names,
+)
+
+from ._efficientnet_lite import MBConvBlock, efficientnet_lite0  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_OUT_OF_PLACE_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+MAX_CACHED_EXTRACTORS = 16
+
+
+def build_module(arch: ArchitectureSpec) -> tuple[nn.Module, list[type[nn.Module]]]:
+    """The untrained architecture, and the module classes torch.fx must treat as leaves."""
+    options = dict(arch.options)
+    if arch.builder == "efficientnet_lite0":
+        return efficientnet_lite0(num_classes=arch.num_classes, **options), [MBConvBlock]
+    if arch.builder.startswith("torchvision:"):
+        name = arch.builder.split(":", 1)[1]
+        if name not in tv_models.list_models(module=tv_models):
+            raise ManifestError(
+                f"architecture.builder: torchvision has no classification model {name!r}"
+            )
+        # weights=None: never download; the verified state dict is loaded afterwards.
+        return tv_models.get_model(name, weights=None, num_classes=arch.num_classes,
+                                   **options), []
+    raise ManifestError(
+        f"architecture.builder {arch.builder!r}: expected 'efficientnet_lite0' or "
+        "'torchvision:<model name>'"
+    )
+
+
+def _disable_inplace_modules(model: nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+
+
+def _disable_inplace_graph(graph_module: fx.GraphModule) -> None:
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in _OUT_OF_PLACE_FUNCTIONS:
+            node.target = _OUT_OF_PLACE_FUNCTIONS[node.target]
+            changed = True
+        elif node.op == "call_function" and node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+            changed = True
+        elif (
+            node.op == "call_method"
+            and isinstance(node.target, str)
+            and node.target.endswith("_")
+            and not node.target.startswith("_")
+            and hasattr(torch.Tensor, node.target[:-1])
+        ):
+            node.target = node.target[:-1]
+            changed = True
+    if changed:
+        graph_module.recompile()
+
+
+def _training_submodules(model: nn.Module) -> list[str]:
+    return [name or "<root>" for name, module in model.named_modules() if module.training]
+
+
+class TorchBackbone:
+    """A verified torch model in eval mode, on one device, serving catalogued layers."""
+
+    def __init__(self, manifest: Manifest, weights: bytes, device: str) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.dtype = TORCH_DTYPES[manifest.numerics.dtype]
+        if self.dtype is torch.float16 and not device.startswith("cuda"):
+            raise ManifestError(f"{manifest.ref}: float16 inference needs a CUDA device")
+        model, self._leaf_modules = build_module(manifest.architecture)
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and len(state) <= 4:
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ManifestError(
+                f"{manifest.ref}: weights do not match architecture "
+                f"{manifest.architecture.builder}: {exc}"
+            ) from None
+        model.eval()
+        model.requires_grad_(False)
+        _disable_inplace_modules(model)
+        self.model = model.to(device=device, dtype=self.dtype)
+        if device.startswith("cuda"):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._nodes = {layer.name: layer.node for layer in manifest.layers}
+        self._check_nodes()
+        self._extractors: dict[tuple[str, ...], fx.GraphModule] = {}
+        self._lock = threading.Lock()
+
+    def _check_nodes(self) -> None:
+        _train_nodes, eval_nodes = get_graph_node_names(
+            self.model, tracer_kwargs={"leaf_modules": self._leaf_modules}
+        )
+        # As in create_feature_extractor, a module name stands for the last node inside it.
+        missing = sorted(
+            node for node in set(self._nodes.values())
+            if not any(n == node or n.startswith(node + ".") for n in eval_nodes)
+        )
+        if missing:
+            raise ManifestError(
+                f"{self.manifest.ref}: layer nodes {missing} are not in the model's graph "
+                f"(some valid nodes: {eval_nodes[:5]} ... {eval_nodes[-5:]})"
+            )
+
+    def _extractor(self, layers: tuple[str, ...]) -> fx.GraphModule:
+        with self._lock:
+            extractor = self._extractors.get(layers)
+            if extractor is None:
+                extractor = create_feature_extractor(
+                    self.model,
+                    return_nodes={self._nodes[name]: name for name in layers},
+                    tracer_kwargs={"leaf_modules": self._leaf_modules},
+                )
+                extractor.eval()  # a fresh extractor starts in training mode
+                _disable_inplace_graph(extractor)
+                training = _training_submodules(extractor)
+                if training:
+                    raise RuntimeError(f"extractor submodules still training: {training[:5]}")
+                if len(self._extractors) >= MAX_CACHED_EXTRACTORS:
+                    self._extractors.pop(next(iter(self._extractors)))
+                self._extractors[layers] = extractor
+            return extractor
+
+    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        key = tuple(sorted(set(layers)))
+        extractor = self._extractor(key)
+        with torch.inference_mode():
+            x = torch.from_numpy(batch)
+            if self.device.startswith("cuda"):
+                x = x.pin_memory().to(self.device, non_blocking=True)
+                x = x.contiguous(memory_format=torch.channels_last)
+            if x.dtype is not self.dtype:
+                x = x.to(self.dtype)
+            outputs = extractor(x)
+            return {
+                name: value.to(device="cpu", dtype=torch.float32).contiguous().numpy()
+                for name, value in outputs.items()
+            }
+
+    def state_checksum(self) -> str:
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
+                digest.update(name.encode())
+                digest.update(str(tensor.dtype).encode())
+                digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def training_modules(self) -> list[str]:
+        names = _training_submodules(self.model)
+        with self._lock:
+            for key, extractor in self._extractors.items():
+                names.extend(f"extractor{list(key)}:{n}" for n in _training_submodules(extractor))
+        return names
+
+    def set_training(self, module_name: str, training: bool) -> None:
+        self.model.get_submodule(module_name).train(training)
+
+    def close(self) -> None:
+        with self._lock:
+            self._extractors.clear()
+        del self.model
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def torch_graph_nodes(model: nn.Module, leaf_modules: list[type[nn.Module]]) -> list[str]:
+    """Eval-mode node names, for catalogue generation."""
+    return list(get_graph_node_names(model, tracer_kwargs={"leaf_modules": leaf_modules})[1])

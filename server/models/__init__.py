@@ -1,0 +1,1 @@
+"""Built-in model manifests (TOML, one file per version)."""
