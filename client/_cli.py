@@ -24,8 +24,6 @@ from ._exceptions import EmbedwardenError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
-Handler = Callable[[argparse.Namespace, Client], int]
-
 
 def collect_images(paths: Sequence[str]) -> list[Path]:
     """Named files as given; folders walked recursively for image files, sorted by path."""
@@ -33,8 +31,11 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*")
-                              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(
+                sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
         elif path.is_file():
             out.append(path)
         else:
@@ -61,8 +62,10 @@ class Progress:
             width = 30
             filled = int(width * self.done / max(self.total, 1))
             rate = self.done / max(now - self.started, 1e-9)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{self.done}/{self.total} {rate:.1f}/s")
+            sys.stderr.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{self.done}/{self.total} {rate:.1f}/s"
+            )
             if self.done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -100,8 +103,14 @@ def cmd_extract(args: argparse.Namespace, client: Client) -> int:
             yield f.read_bytes()
 
     for chunk in client.extract_stream(
-        reads(), args.model, batch_size=args.batch_size, layers=args.layer,
-        pooling=args.pool, dtype=args.dtype, normalize=args.normalize, cache=args.cache,
+        reads(),
+        args.model,
+        batch_size=args.batch_size,
+        layers=args.layer,
+        pooling=args.pool,
+        dtype=args.dtype,
+        normalize=args.normalize,
+        cache=args.cache,
     ):
         identity = chunk.model
         for layer, array in chunk.arrays.items():
@@ -112,20 +121,27 @@ def cmd_extract(args: argparse.Namespace, client: Client) -> int:
     if len(arrays) == 1:
         np.save(out, next(iter(arrays.values())))
     else:
-        np.savez(out, **arrays)
+        np.savez(out, **arrays)  # type: ignore[arg-type]
     sidecar = out.with_suffix(".json")
     assert identity is not None
     meta = {
-        "model": identity.name, "version": identity.version,
-        "fingerprint": identity.fingerprint, "weights_sha256": identity.weights_sha256,
+        "model": identity.name,
+        "version": identity.version,
+        "fingerprint": identity.fingerprint,
+        "weights_sha256": identity.weights_sha256,
         "layers": {layer: list(a.shape) for layer, a in arrays.items()},
-        "pooling": args.pool, "dtype": args.dtype, "normalize": args.normalize,
+        "pooling": args.pool,
+        "dtype": args.dtype,
+        "normalize": args.normalize,
         "inputs": [str(f) for f in files],
     }
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
-    print(f"{out}: {shapes} from {identity.name}@{identity.version} "
-          f"(fingerprint {identity.fingerprint[:16]}); provenance in {sidecar}", file=sys.stderr)
+    print(
+        f"{out}: {shapes} from {identity.name}@{identity.version} "
+        f"(fingerprint {identity.fingerprint[:16]}); provenance in {sidecar}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -134,18 +150,29 @@ def cmd_models(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         print_json([message_dict(m) for m in models])
         return 0
-    rows = [(f"{m.identity.name}@{m.identity.version}", "yes" if m.is_default_version else "",
-             m.framework, m.architecture, m.default_layer,
-             _state_name(m.state), m.identity.fingerprint[:16]) for m in models]
-    print_table(rows, ("MODEL", "DEFAULT", "FRAMEWORK", "ARCHITECTURE", "LAYER", "STATE",
-                       "FINGERPRINT"))
+    rows = [
+        (
+            f"{m.identity.name}@{m.identity.version}",
+            "yes" if m.is_default_version else "",
+            m.framework,
+            m.architecture,
+            m.default_layer,
+            _state_name(m.state),
+            m.identity.fingerprint[:16],
+        )
+        for m in models
+    ]
+    print_table(
+        rows, ("MODEL", "DEFAULT", "FRAMEWORK", "ARCHITECTURE", "LAYER", "STATE", "FINGERPRINT")
+    )
     return 0
 
 
 def _state_name(state: int) -> str:
     from embedwarden.v1 import embedding_pb2
 
-    return str(embedding_pb2.ModelState.Name(state)).removeprefix("MODEL_STATE_").lower()
+    name = embedding_pb2.ModelState.Name(embedding_pb2.ModelState.ValueType(state))
+    return str(name).removeprefix("MODEL_STATE_").lower()
 
 
 def cmd_describe(args: argparse.Namespace, client: Client) -> int:
@@ -155,18 +182,26 @@ def cmd_describe(args: argparse.Namespace, client: Client) -> int:
         return 0
     s = info.summary
     p = info.preprocessing
-    print(f"{s.identity.name}@{s.identity.version}  ({_state_name(s.state)}"
-          f"{': ' + s.state_detail if s.state_detail else ''})")
+    print(
+        f"{s.identity.name}@{s.identity.version}  ({_state_name(s.state)}"
+        f"{': ' + s.state_detail if s.state_detail else ''})"
+    )
     print(f"  fingerprint     {s.identity.fingerprint}")
     print(f"  weights         {info.weights_file}  sha256 {s.identity.weights_sha256}")
-    print(f"  architecture    {s.framework}:{s.architecture}  dtype {info.dtype}  "
-          f"deterministic {info.deterministic}  device {info.device}")
-    geometry = {"crop_resize": f"crop {p.crop_fraction:g} of short side -> {p.size}",
-                "resize_crop": f"short side {p.resize_size} -> centre crop {p.size}",
-                "resize": f"resize to {p.size}x{p.size}"}.get(p.resize_mode, p.resize_mode)
-    print(f"  preprocessing   {p.decoder} {p.color_order} {geometry} {p.interpolation} "
-          f"antialias={p.antialias} (x/{p.divisor:g} - {list(p.mean)}) / {list(p.std)} "
-          f"{p.layout}")
+    print(
+        f"  architecture    {s.framework}:{s.architecture}  dtype {info.dtype}  "
+        f"deterministic {info.deterministic}  device {info.device}"
+    )
+    geometry = {
+        "crop_resize": f"crop {p.crop_fraction:g} of short side -> {p.size}",
+        "resize_crop": f"short side {p.resize_size} -> centre crop {p.size}",
+        "resize": f"resize to {p.size}x{p.size}",
+    }.get(p.resize_mode, p.resize_mode)
+    print(
+        f"  preprocessing   {p.decoder} {p.color_order} {geometry} {p.interpolation} "
+        f"antialias={p.antialias} (x/{p.divisor:g} - {list(p.mean)}) / {list(p.std)} "
+        f"{p.layout}"
+    )
     if info.description:
         print(f"  description     {info.description}")
     print("  layers:")
@@ -179,8 +214,10 @@ def cmd_describe(args: argparse.Namespace, client: Client) -> int:
 def cmd_load(args: argparse.Namespace, client: Client) -> int:
     response = client.load_model(args.model)
     ident = response.model.identity
-    print(f"{ident.name}@{ident.version} serving (loaded in {response.load_seconds:.2f}s, "
-          f"fingerprint {ident.fingerprint[:16]})")
+    print(
+        f"{ident.name}@{ident.version} serving (loaded in {response.load_seconds:.2f}s, "
+        f"fingerprint {ident.fingerprint[:16]})"
+    )
     return 0
 
 
@@ -221,9 +258,53 @@ def _register_core(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.set_defaults(handler=cmd_unload)
 
 
+def cmd_manifest(args: argparse.Namespace, client: Client | None) -> int:
+    try:
+        from embedwarden.server import EmbedwardenError as ServerError
+        from embedwarden.server._manifest_tools import torchvision_manifest
+    except ImportError as exc:
+        print(f"manifest generation needs the server extra ({exc})", file=sys.stderr)
+        return 2
+    try:
+        text = torchvision_manifest(
+            args.arch,
+            args.weights,
+            weights_file=args.weights_file,
+            name=args.name,
+            version=args.version,
+        )
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _register_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("manifest", help="write a manifest for a torchvision model (offline)")
+    p.add_argument("framework", choices=("torchvision",))
+    p.add_argument("arch", help="torchvision model name, e.g. resnet50")
+    p.add_argument("weights", help="weights entry, e.g. IMAGENET1K_V2")
+    p.add_argument(
+        "--weights-file",
+        type=Path,
+        default=None,
+        help="the .pth file (default: the torch hub cache)",
+    )
+    p.add_argument("--name", default=None, help="model name (default: the architecture)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--out", default=None, help="write to this file (default: stdout)")
+    p.set_defaults(handler=cmd_manifest, offline=True)
+
+
 # Each entry adds its subcommands; feature modules append theirs here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _register_core,
+    _register_manifest,
 ]
 
 
@@ -231,14 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedwarden", description="Pinned, verified embeddings of pretrained backbones."
     )
-    parser.add_argument("--server", default=None,
-                        help=f"server address (default $EMBEDWARDEN_SERVER or {default_address()})")
+    parser.add_argument(
+        "--server",
+        default=None,
+        help=f"server address (default $EMBEDWARDEN_SERVER or {default_address()})",
+    )
     parser.add_argument("--token", default=None, help="bearer token (default $EMBEDWARDEN_TOKEN)")
     parser.add_argument("--ca", type=Path, default=None, help="CA certificate: connect with TLS")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-call deadline, seconds")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="start a server (flags: embedwarden serve --help)",
-                   add_help=False)
+    sub.add_parser("serve", help="start a server (flags: embedwarden serve --help)", add_help=False)
     for register in REGISTRARS:
         register(sub)
     return parser
@@ -250,15 +333,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from embedwarden.server._main import main as serve_main
         except ImportError as exc:
-            print(f"embedwarden serve needs the server extra: pip install 'embedwarden[server]' "
-                  f"({exc})", file=sys.stderr)
+            print(
+                f"embedwarden serve needs the server extra: pip install 'embedwarden[server]' "
+                f"({exc})",
+                file=sys.stderr,
+            )
             return 2
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     root = args.ca.read_bytes() if args.ca else None
     try:
-        with Client(args.server, token=args.token, timeout=args.timeout,
-                    root_certificates=root) as client:
+        if getattr(args, "offline", False):
+            return int(args.handler(args, None))
+        with Client(
+            args.server, token=args.token, timeout=args.timeout, root_certificates=root
+        ) as client:
             return int(args.handler(args, client))
     except EmbedwardenError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -49,7 +49,6 @@ CACHE_MODES = {
     "off": types_pb2.CACHE_MODE_OFF,
     "refresh": types_pb2.CACHE_MODE_REFRESH,
 }
-T = TypeVar("T")
 
 
 def default_address() -> str:
@@ -57,22 +56,29 @@ def default_address() -> str:
 
 
 def _service_config(retries: int) -> str:
-    return json.dumps({
-        "methodConfig": [{
-            "name": [{"service": s} for s in (
-                "embedwarden.v1.EmbeddingService",
-                "embedwarden.v1.AdminService",
-                "embedwarden.v1.IndexService",
-            )],
-            "retryPolicy": {
-                "maxAttempts": max(2, min(5, retries + 1)),
-                "initialBackoff": "0.2s",
-                "maxBackoff": "5s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }]
-    })
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [
+                        {"service": s}
+                        for s in (
+                            "embedwarden.v1.EmbeddingService",
+                            "embedwarden.v1.AdminService",
+                            "embedwarden.v1.IndexService",
+                        )
+                    ],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, min(5, retries + 1)),
+                        "initialBackoff": "0.2s",
+                        "maxBackoff": "5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
 
 
 def model_ref(model: str, version: str = "") -> types_pb2.ModelRef:
@@ -139,9 +145,13 @@ class Extraction:
             cached[layer] = np.array([r.cached for r in rows], dtype=bool)
             layouts[layer] = rows[0].layout
         t = response.timings
-        timings = {"cache": t.cache_seconds, "queue": t.queue_seconds,
-                   "preprocess": t.preprocess_seconds, "inference": t.inference_seconds,
-                   "total": t.total_seconds}
+        timings = {
+            "cache": t.cache_seconds,
+            "queue": t.queue_seconds,
+            "preprocess": t.preprocess_seconds,
+            "inference": t.inference_seconds,
+            "total": t.total_seconds,
+        }
         return cls(ModelIdentity.from_proto(response.model), arrays, layouts, cached, timings)
 
 
@@ -197,7 +207,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         try:
             return method(
                 request,
@@ -212,8 +222,9 @@ class Client:
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """'SERVING', 'NOT_SERVING', 'SERVICE_UNKNOWN' or 'UNKNOWN'."""
-        response = self._call(self._health.Check,
-                              health_pb2.HealthCheckRequest(service=service), timeout)
+        response = self._call(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def wait_until_serving(self, timeout: float = 300.0, service: str = "") -> None:
@@ -243,8 +254,11 @@ class Client:
         cache: str,
     ) -> embedding_pb2.ExtractRequest:
         layer_list = [layers] if isinstance(layers, str) else list(layers or [])
-        for what, value, table in (("pooling", pooling, POOLINGS), ("dtype", dtype, DTYPES),
-                                   ("cache", cache, CACHE_MODES)):
+        for what, value, table in (
+            ("pooling", pooling, POOLINGS),
+            ("dtype", dtype, DTYPES),
+            ("cache", cache, CACHE_MODES),
+        ):
             if value not in table:
                 raise ValueError(f"{what} must be one of {sorted(table)}, got {value!r}")
         return embedding_pb2.ExtractRequest(
@@ -273,8 +287,9 @@ class Client:
         """Embeds `images` (bytes, paths or uint8 RGB arrays); arrays come back in input order.
 
         `model` may be "name" or "name@version"; the result names the exact version used."""
-        request = self._extract_request(images, model, version, layers, pooling, dtype,
-                                        normalize, cache)
+        request = self._extract_request(
+            images, model, version, layers, pooling, dtype, normalize, cache
+        )
         return Extraction.from_proto(self._call(self._embedding.Extract, request, timeout))
 
     def extract_stream(
@@ -308,8 +323,9 @@ class Client:
             for i, chunk in enumerate(chunks()):
                 yield embedding_pb2.ExtractStreamRequest(
                     request_id=str(i),
-                    request=self._extract_request(chunk, model, version, layers, pooling, dtype,
-                                                  normalize, cache),
+                    request=self._extract_request(
+                        chunk, model, version, layers, pooling, dtype, normalize, cache
+                    ),
                 )
 
         try:
@@ -318,8 +334,9 @@ class Client:
             )
             for message in responses:
                 if message.HasField("error"):
-                    raise from_status(message.error.code,
-                                      f"chunk {message.request_id}: {message.error.message}")
+                    raise from_status(
+                        message.error.code, f"chunk {message.request_id}: {message.error.message}"
+                    )
                 yield Extraction.from_proto(message.response)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -331,18 +348,25 @@ class Client:
     # --- models -----------------------------------------------------------------------
 
     def list_models(self) -> list[embedding_pb2.ModelSummary]:
-        return list(self._call(self._embedding.ListModels,
-                               embedding_pb2.ListModelsRequest()).models)
+        return list(
+            self._call(self._embedding.ListModels, embedding_pb2.ListModelsRequest()).models
+        )
 
     def describe_model(self, model: str, version: str = "") -> embedding_pb2.DescribeModelResponse:
         request = embedding_pb2.DescribeModelRequest(model=model_ref(model, version))
-        return self._call(self._embedding.DescribeModel, request)
+        response: embedding_pb2.DescribeModelResponse = self._call(
+            self._embedding.DescribeModel, request
+        )
+        return response
 
-    def load_model(self, model: str, version: str = "",
-                   timeout: float | None = 600.0) -> admin_pb2.LoadModelResponse:
+    def load_model(
+        self, model: str, version: str = "", timeout: float | None = 600.0
+    ) -> admin_pb2.LoadModelResponse:
         request = admin_pb2.LoadModelRequest(model=model_ref(model, version))
-        return self._call(self._admin.LoadModel, request, timeout)
+        response: admin_pb2.LoadModelResponse = self._call(self._admin.LoadModel, request, timeout)
+        return response
 
     def unload_model(self, model: str, version: str = "") -> admin_pb2.UnloadModelResponse:
         request = admin_pb2.UnloadModelRequest(model=model_ref(model, version))
-        return self._call(self._admin.UnloadModel, request)
+        response: admin_pb2.UnloadModelResponse = self._call(self._admin.UnloadModel, request)
+        return response

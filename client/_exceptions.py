@@ -66,9 +66,19 @@ class InternalError(EmbedwardenError):
 
 _BY_CODE: dict[grpc.StatusCode, type[EmbedwardenError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
-                Unavailable, DeadlineExceeded, Unauthenticated, PermissionDenied, Cancelled,
-                InternalError)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+        Cancelled,
+        InternalError,
+    )
 }
 
 

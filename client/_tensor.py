@@ -3,16 +3,18 @@ where the layout allows. Shared by the client and the server."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from embedwarden.v1 import types_pb2
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[types_pb2.DType.ValueType, np.dtype[Any]] = {
     types_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     types_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     types_pb2.DTYPE_UINT8: np.dtype("u1"),
 }
-_FROM_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in _TO_NUMPY.items()}
+_FROM_NUMPY = {v.newbyteorder("="): k for k, v in _TO_NUMPY.items()}
 DTYPE_NAMES = {
     types_pb2.DTYPE_FLOAT32: "float32",
     types_pb2.DTYPE_FLOAT16: "float16",
@@ -50,4 +52,5 @@ def to_array(tensor: types_pb2.Tensor) -> np.ndarray:
             f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
             f"{count * dtype.itemsize} bytes, got {len(tensor.data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    array: np.ndarray = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return array

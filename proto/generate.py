@@ -14,7 +14,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 PACKAGE_DIR = PROTO_ROOT / "embedwarden" / "v1"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def proto_files() -> list[Path]:
@@ -33,6 +33,7 @@ def generate(out_root: Path) -> list[Path]:
         f"--python_out={out_root}",
         f"--mypy_out={out_root}",
         f"--grpc_python_out={out_root}",
+        f"--mypy_grpc_out={out_root}",
         *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
     ]
     if protoc.main(args) != 0:

@@ -57,8 +57,9 @@ class Application:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or build_registry(settings.models_dirs)
-        configure_process(deterministic=settings.deterministic,
-                          torch_threads=settings.torch_threads)
+        configure_process(
+            deterministic=settings.deterministic, torch_threads=settings.torch_threads
+        )
         self.device = resolve_device(settings.device)
         self.models = ModelManager(self.registry, settings, self.device)
         workers = settings.decode_workers or available_cores()
@@ -156,12 +157,18 @@ class Application:
         await server.start()
         self.server = server
         if self.settings.metrics_port >= 0:
-            self.metrics_port = METRICS.serve(self.settings.metrics_host,
-                                              self.settings.metrics_port)
-        log.info("listening on %s:%d (metrics on %s:%d), device %s", self.settings.host,
-                 self.port, self.settings.metrics_host, self.metrics_port, self.device)
-        threading.Thread(target=self._load_startup_models, name="startup-load",
-                         daemon=True).start()
+            self.metrics_port = METRICS.serve(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
+        log.info(
+            "listening on %s:%d (metrics on %s:%d), device %s",
+            self.settings.host,
+            self.port,
+            self.settings.metrics_host,
+            self.metrics_port,
+            self.device,
+        )
+        threading.Thread(target=self._load_startup_models, name="startup-load", daemon=True).start()
         return self.port
 
     def _load_startup_models(self) -> None:
@@ -169,7 +176,7 @@ class Application:
             for ref in self.settings.models:
                 try:
                     self.models.load(*parse_model_ref(ref))
-                except Exception as exc:  # noqa: BLE001 - reported through state and health
+                except Exception as exc:
                     log.error("startup load of %s failed: %s", ref, exc)
         finally:
             self.startup_done.set()
@@ -205,8 +212,9 @@ class ServerThread:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.app = Application(settings, registry)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="grpc-loop", daemon=True
+        )
 
     def start(self, wait_loaded: float | None = 300.0) -> int:
         self._thread.start()

@@ -136,7 +136,7 @@ class DynamicBatcher:
             layers = sorted({layer for item in items for layer in item.layers})
             stacked = np.stack([item.tensor for item in items])
             outputs = self._run_batch(stacked, layers)
-        except BaseException as exc:  # noqa: BLE001 - delivered to every waiting caller
+        except BaseException as exc:
             for item in items:
                 item.future.set_exception(exc)
             return

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -15,6 +16,8 @@ from ._manifest import Manifest
 from ._models import ModelIdentity, ModelState
 from ._postprocess import Pooling, allowed_poolings
 from ._preprocess import ImageSource, RawImage
+
+E = TypeVar("E")
 
 _POOLING = {
     types_pb2.POOLING_UNSPECIFIED: Pooling.DEFAULT,
@@ -45,7 +48,7 @@ _STATE = {
 }
 
 
-def _enum(table: dict[int, object], value: int, what: str) -> object:
+def _enum(table: Mapping[Any, E], value: int, what: str) -> E:
     try:
         return table[value]
     except KeyError:
@@ -80,8 +83,6 @@ def extract_options(request: embedding_pb2.ExtractRequest) -> ExtractOptions:
     pooling = _enum(_POOLING, request.pooling, "pooling")
     dtype = _enum(_OUTPUT_DTYPE, request.dtype, "dtype (float32 or float16)")
     cache = _enum(_CACHE, request.cache, "cache")
-    assert isinstance(pooling, Pooling) and isinstance(dtype, str)
-    assert isinstance(cache, CacheMode)
     return ExtractOptions(
         layers=tuple(request.layers),
         pooling=pooling,
@@ -125,8 +126,10 @@ def extract_response(result: ExtractResult) -> embedding_pb2.ExtractResponse:
     t = result.timings
     return embedding_pb2.ExtractResponse(
         model=identity(result.identity),
-        items=[embedding_pb2.ExtractItem(embeddings=[_embedding(e) for e in row])
-               for row in result.items],
+        items=[
+            embedding_pb2.ExtractItem(embeddings=[_embedding(e) for e in row])
+            for row in result.items
+        ],
         timings=embedding_pb2.Timings(
             cache_seconds=t.cache,
             queue_seconds=t.queue,

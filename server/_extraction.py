@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -29,7 +29,7 @@ from ._settings import Settings
 T = TypeVar("T")
 
 
-class CacheMode(str, Enum):
+class CacheMode(StrEnum):
     ON = "on"
     OFF = "off"
     REFRESH = "refresh"
@@ -61,8 +61,13 @@ class Timings:
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"cache": self.cache, "queue": self.queue, "preprocess": self.preprocess,
-                "inference": self.inference, "total": self.total}
+        return {
+            "cache": self.cache,
+            "queue": self.queue,
+            "preprocess": self.preprocess,
+            "inference": self.inference,
+            "total": self.total,
+        }
 
 
 @dataclass
@@ -82,8 +87,15 @@ class PlannedLayer:
 class EmbeddingCache(Protocol):
     """What extraction needs from the cache (the LMDB implementation lives in `_cache`)."""
 
-    def key(self, fingerprint: str, layer: str, pooling: str, dtype: str, normalize: bool,
-            input_digest: bytes) -> bytes: ...
+    def key(
+        self,
+        fingerprint: str,
+        layer: str,
+        pooling: str,
+        dtype: str,
+        normalize: bool,
+        input_digest: bytes,
+    ) -> bytes: ...
 
     def lookup(self, keys: Sequence[bytes]) -> list[np.ndarray | None]: ...
 
@@ -180,8 +192,17 @@ class ExtractionService:
             t0 = time.perf_counter()
             digests = await self._digests(sources)
             keys = [
-                [cache.key(identity.fingerprint, p.spec.name, p.pooling.value, options.dtype,
-                           options.normalize, d) for p in plan]
+                [
+                    cache.key(
+                        identity.fingerprint,
+                        p.spec.name,
+                        p.pooling.value,
+                        options.dtype,
+                        options.normalize,
+                        d,
+                    )
+                    for p in plan
+                ]
                 for d in digests
             ]
             if options.cache is CacheMode.ON:
@@ -216,8 +237,13 @@ class ExtractionService:
                 for j, p in enumerate(plan):
                     if results[i][j] is not None:
                         continue  # a hit for this layer: the cached bytes are served
-                    array = finish(output.outputs[p.spec.name], p.spec, p.pooling,
-                                   options.normalize, options.dtype)
+                    array = finish(
+                        output.outputs[p.spec.name],
+                        p.spec,
+                        p.pooling,
+                        options.normalize,
+                        options.dtype,
+                    )
                     results[i][j] = Embedding(p.spec.name, array, p.layout, False)
                     if cache is not None:
                         fresh.append((keys[i][j], array))

@@ -18,8 +18,6 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-_configured = False
-
 
 def import_torch() -> ModuleType:
     import torch
@@ -34,7 +32,9 @@ def import_tensorflow() -> ModuleType:
     """TensorFlow, imported after torch, quiet, and without grabbing all GPU memory."""
     import_torch()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    import tensorflow as tf_module
+
+    tf: ModuleType = tf_module
 
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
@@ -70,7 +70,6 @@ def resolve_device(device: str) -> str:
 
 def configure_process(*, deterministic: bool, torch_threads: int) -> None:
     """Sets the process-wide numeric flags once, before any model loads."""
-    global _configured
     if deterministic:
         # Must be set before the first cuBLAS handle exists.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -83,7 +82,6 @@ def configure_process(*, deterministic: bool, torch_threads: int) -> None:
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
     torch.backends.cudnn.allow_tf32 = not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    _configured = True
     log.info("process flags: deterministic=%s torch_threads=%d", deterministic, threads)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import _settings
@@ -16,6 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Our own --max-image-pixels check refuses big images; Pillow's warning is noise.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     from ._app import serve  # heavy imports (torch) only once settings parsed
 
     return serve(settings)

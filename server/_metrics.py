@@ -123,7 +123,9 @@ class Metrics:
             f"{PREFIX}_index_vectors", "Vectors per collection.", ["collection"], registry=r
         )
         self.index_bytes = Gauge(
-            f"{PREFIX}_index_bytes", "Serialized index size per collection.", ["collection"],
+            f"{PREFIX}_index_bytes",
+            "Serialized index size per collection.",
+            ["collection"],
             registry=r,
         )
         # Consistency.

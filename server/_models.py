@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from .backbones import Backbone, load_backbone
 log = logging.getLogger(__name__)
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     AVAILABLE = "available"
     LOADING = "loading"
     SERVING = "serving"
@@ -135,8 +135,11 @@ class ModelManager:
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
-            return [e.model for e in self._entries.values() if e.model is not None
-                    and e.state is ModelState.SERVING]
+            return [
+                e.model
+                for e in self._entries.values()
+                if e.model is not None and e.state is ModelState.SERVING
+            ]
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The serving model for name[@version]; clear errors for every other state."""
@@ -179,8 +182,13 @@ class ModelManager:
             self._entries[key] = _Entry(ModelState.SERVING, "", model)
         METRICS.model_serving.labels(manifest.name, manifest.version).set(1)
         METRICS.model_load_seconds.labels(manifest.name, manifest.version).set(model.load_seconds)
-        log.info("%s serving on %s (loaded in %.2fs, fingerprint %s)", manifest.ref, self.device,
-                 model.load_seconds, model.identity.fingerprint[:16])
+        log.info(
+            "%s serving on %s (loaded in %.2fs, fingerprint %s)",
+            manifest.ref,
+            self.device,
+            model.load_seconds,
+            model.identity.fingerprint[:16],
+        )
         self._notify("loaded", model)
         return model
 
@@ -217,9 +225,11 @@ class ModelManager:
                 max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
                 max_queue_items=self.settings.max_queue_items,
                 on_batch=lambda n, _s: METRICS.batch_size.labels(
-                    manifest.name, manifest.version).observe(n),
-                on_depth=lambda d: METRICS.queue_depth.labels(
-                    manifest.name, manifest.version).set(d),
+                    manifest.name, manifest.version
+                ).observe(n),
+                on_depth=lambda d: METRICS.queue_depth.labels(manifest.name, manifest.version).set(
+                    d
+                ),
             )
             model.load_seconds = time.perf_counter() - started
             for hook in self.before_serving:

@@ -1,11 +1,13 @@
 """From a layer's raw output to the served vector: pooling, L2 normalisation, dtype cast.
 
-All arithmetic is float32; the cast to float16 comes last.
+AVG and MAX reduce the spatial axes a layer has; on a vector layer (e.g. logits) they change
+nothing, so that one request can pool `features` and read `logits` together. CLS and TOKEN_MEAN
+need a token layer. All arithmetic is float32; the cast to float16 comes last.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -13,7 +15,7 @@ from ._errors import InvalidInput
 from ._manifest import LayerSpec
 
 
-class Pooling(str, Enum):
+class Pooling(StrEnum):
     DEFAULT = "default"  # avg for spatial maps, none for vectors and tokens
     NONE = "none"
     AVG = "avg"
@@ -28,9 +30,7 @@ OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 def allowed_poolings(layer: LayerSpec) -> tuple[Pooling, ...]:
     if layer.tokens:
         return (Pooling.NONE, Pooling.CLS, Pooling.TOKEN_MEAN)
-    if layer.spatial_axes:
-        return (Pooling.NONE, Pooling.AVG, Pooling.MAX)
-    return (Pooling.NONE,)
+    return (Pooling.NONE, Pooling.AVG, Pooling.MAX)
 
 
 def resolve_pooling(layer: LayerSpec, pooling: Pooling) -> Pooling:
@@ -51,23 +51,22 @@ def output_layout(layer: LayerSpec, pooling: Pooling) -> str:
     return layer.layout if pooling is Pooling.NONE else "C"
 
 
-def output_shape(layer: LayerSpec, pooling: Pooling) -> tuple[int, ...]:
-    if pooling is Pooling.NONE:
-        return layer.shape
-    return (layer.shape[layer.layout.index("C")],)
-
-
 def pool(array: np.ndarray, layer: LayerSpec, pooling: Pooling) -> np.ndarray:
     """Reduces one item's layer output (shape == layer.shape) as `pooling` says."""
-    if pooling is Pooling.NONE:
+    if pooling is Pooling.NONE or (
+        pooling in (Pooling.AVG, Pooling.MAX) and not layer.spatial_axes
+    ):
         return array
+    pooled: np.ndarray
     if pooling is Pooling.AVG:
-        return array.mean(axis=layer.spatial_axes, dtype=np.float32)
-    if pooling is Pooling.MAX:
-        return array.max(axis=layer.spatial_axes)
-    if pooling is Pooling.CLS:
-        return array[0]
-    return array[1:].mean(axis=0, dtype=np.float32)
+        pooled = array.mean(axis=layer.spatial_axes, dtype=np.float32)
+    elif pooling is Pooling.MAX:
+        pooled = array.max(axis=layer.spatial_axes)
+    elif pooling is Pooling.CLS:
+        pooled = array[0]
+    else:
+        pooled = array[1:].mean(axis=0, dtype=np.float32)
+    return pooled
 
 
 def finish(

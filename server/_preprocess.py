@@ -31,8 +31,9 @@ from ._manifest import PreprocessSpec
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 # Modes Pillow converts to 8-bit RGB faithfully. Alpha is dropped (not composited).
-CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
-                               "CMYK", "YCbCr", "LAB", "HSV"})
+CONVERTIBLE_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -42,8 +43,19 @@ RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 # Pillow raises a wide variety of exceptions on corrupt data; all mean "bad image".
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
-                 TypeError, KeyError, ZeroDivisionError, OverflowError, RuntimeError)
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    TypeError,
+    KeyError,
+    ZeroDivisionError,
+    OverflowError,
+    RuntimeError,
+)
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,8 @@ class Preprocessor:
                 image = image.resize((new_w, new_h), self.resample)
             if new_w < spec.size or new_h < spec.size:
                 raise InvalidInput(f"image {width}x{height} is too small to crop {spec.size}")
-            top = int(round((new_h - spec.size) / 2.0))
-            left = int(round((new_w - spec.size) / 2.0))
+            top = round((new_h - spec.size) / 2.0)
+            left = round((new_w - spec.size) / 2.0)
             return image.crop((left, top, left + spec.size, top + spec.size))
         return image.resize((spec.size, spec.size), self.resample)
 

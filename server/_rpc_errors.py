@@ -78,7 +78,7 @@ def rpc_method(
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
                 raise
-            except Exception as exc:  # noqa: BLE001 - the one catch-all, it reports INTERNAL
+            except Exception as exc:
                 code, message = describe(exc)
                 await context.abort(code, message)
                 raise
@@ -116,7 +116,7 @@ def rpc_stream_method(
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
                 raise
-            except Exception as exc:  # noqa: BLE001 - the one catch-all, it reports INTERNAL
+            except Exception as exc:
                 code, message = describe(exc)
                 await context.abort(code, message)
             finally:

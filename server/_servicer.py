@@ -16,7 +16,7 @@ import grpc
 from embedwarden.v1 import admin_pb2, admin_pb2_grpc, embedding_pb2, embedding_pb2_grpc
 
 from . import _convert as convert
-from ._errors import EmbedwardenError, InvalidInput
+from ._errors import EmbedwardenError, FailedPrecondition, InvalidInput
 from ._rpc_errors import describe, rpc_method, rpc_stream_method
 
 if TYPE_CHECKING:
@@ -32,7 +32,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(self, app: Application) -> None:
         self.app = app
 
-    async def _extract(self, request: embedding_pb2.ExtractRequest) -> embedding_pb2.ExtractResponse:
+    async def _extract(
+        self, request: embedding_pb2.ExtractRequest
+    ) -> embedding_pb2.ExtractResponse:
         name, version = convert.model_ref(request.model)
         options = convert.extract_options(request)
         sources = convert.image_sources(request.inputs)
@@ -53,7 +55,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             return embedding_pb2.ExtractStreamResponse(
                 request_id=message.request_id, response=response
             )
-        except (EmbedwardenError, Exception) as exc:  # noqa: BLE001 - reported per message
+        except (EmbedwardenError, Exception) as exc:
             code, text = describe(exc)
             return embedding_pb2.ExtractStreamResponse(
                 request_id=message.request_id,
@@ -137,3 +139,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self.app.models.unload, name, version, self.app.settings.grace_s
         )
         return admin_pb2.UnloadModelResponse(model=convert.identity(identity))
+
+    # Filled in by the cache and consistency modules (issues 3 and 5).
+    @rpc_method("GetCacheStats")
+    async def GetCacheStats(
+        self, request: admin_pb2.GetCacheStatsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetCacheStatsResponse:
+        raise FailedPrecondition("the embedding cache is not built into this server yet")
+
+    @rpc_method("PurgeCache")
+    async def PurgeCache(
+        self, request: admin_pb2.PurgeCacheRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PurgeCacheResponse:
+        raise FailedPrecondition("the embedding cache is not built into this server yet")
+
+    @rpc_method("CheckConsistency")
+    async def CheckConsistency(
+        self, request: admin_pb2.CheckConsistencyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CheckConsistencyResponse:
+        raise FailedPrecondition("the consistency monitor is not built into this server yet")
+
+    @rpc_method("CompareModels")
+    async def CompareModels(
+        self, request: admin_pb2.CompareModelsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CompareModelsResponse:
+        raise FailedPrecondition("parity reports are not built into this server yet")

@@ -119,10 +119,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data-dir", type=Path, help="cache, index and golden embeddings (default XDG data dir)")
     a("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     a("--models", type=_parse_list, help="NAME[@VERSION],... to load at start")
-    a("--models-dir", dest="models_dirs", type=Path, action="append",
-      help="extra folder of model manifests (repeatable)")
-    a("--weights-dir", dest="weights_dirs", type=Path, action="append",
-      help="extra folder searched for weights files (repeatable)")
+    a(
+        "--models-dir",
+        dest="models_dirs",
+        type=Path,
+        action="append",
+        help="extra folder of model manifests (repeatable)",
+    )
+    a(
+        "--weights-dir",
+        dest="weights_dirs",
+        type=Path,
+        action="append",
+        help="extra folder searched for weights files (repeatable)",
+    )
     a("--deterministic", type=_parse_bool, help="deterministic numerics (default true)")
     a("--torch-threads", type=int, help="intra-op threads (default: available cores)")
     a("--decode-workers", type=int, help="decode/preprocess threads (default: available cores)")
@@ -138,15 +148,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache-max-bytes", type=int, help="cache size bound in bytes (default 4 GiB)")
     a("--cache-audit-fraction", type=float, help="fraction of cache hits recomputed")
     a("--check-interval-s", type=float, help="seconds between periodic consistency checks")
-    a("--consistency-warn-only", type=_parse_bool,
-      help="serve a model whose restart check fails (default: keep it NOT_SERVING)")
+    a(
+        "--consistency-warn-only",
+        type=_parse_bool,
+        help="serve a model whose restart check fails (default: keep it NOT_SERVING)",
+    )
     a("--grace-s", type=float, help="seconds in-flight requests get on shutdown")
     a("--tls-cert", type=Path, help="server certificate (PEM)")
     a("--tls-key", type=Path, help="server private key (PEM)")
     a("--tls-client-ca", type=Path, help="CA for client certificates (enables mutual TLS)")
     a("--tokens-file", type=Path, help="bearer tokens file (hashed tokens with roles)")
-    a("--insecure", action="store_const", const=True,
-      help="allow a non-loopback address without TLS and tokens (logged at every start)")
+    a(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow a non-loopback address without TLS and tokens (logged at every start)",
+    )
     a("--parity-pairs", type=_parse_list, help="A;B model pairs compared periodically")
     a("--log-level", help="DEBUG, INFO, WARNING, ERROR")
 

@@ -62,8 +62,10 @@ def candidate_paths(manifest: Manifest, weights_dirs: Iterable[Path] = ()) -> li
     out: list[Path] = []
     if spec.path:
         explicit = Path(os.path.expanduser(spec.path))
-        if not explicit.is_absolute() and manifest.origin and not manifest.origin.startswith(
-            "builtin:"
+        if (
+            not explicit.is_absolute()
+            and manifest.origin
+            and not manifest.origin.startswith("builtin:")
         ):
             explicit = Path(manifest.origin).parent / explicit
         out.append(explicit if explicit.suffix else explicit / spec.file)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._errors import FailedPrecondition
 from .._manifest import Manifest
 from .._weights import VerifiedWeights, locate_and_verify, read_verified
 from ._base import Backbone
@@ -21,7 +22,5 @@ def load_backbone(
 
         verified, data = read_verified(manifest, weights_dirs)
         return TorchBackbone(manifest, data, device), verified
-    from ._keras import KerasBackbone
-
-    verified = locate_and_verify(manifest, weights_dirs)
-    return KerasBackbone(manifest, verified.path, device), verified
+    locate_and_verify(manifest, weights_dirs)
+    raise FailedPrecondition(f"{manifest.ref}: {manifest.framework} backbones are not built yet")

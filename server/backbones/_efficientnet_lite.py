@@ -65,7 +65,10 @@ class SamePadConv2d(nn.Conv2d):
         self.output_size = math.ceil(input_size / stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, self.pad), self.weight, None, self.stride, 0, 1, self.groups)
+        out: torch.Tensor = F.conv2d(
+            F.pad(x, self.pad), self.weight, None, self.stride, 0, 1, self.groups
+        )
+        return out
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -92,7 +95,7 @@ class MBConvBlock(nn.Module):
         self.has_skip = stride == 1 and in_ch == out_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
+        y: torch.Tensor = x
         if self.has_expand:
             y = F.relu6(self._bn0(self._expand_conv(y)))
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
@@ -143,7 +146,8 @@ class EfficientNetLite(nn.Module):
             x = block(x)
         x = self._head_act(self._bn1(self._conv_head(x)))
         x = torch.flatten(self._avg_pooling(x), 1)
-        return self._fc(x)
+        logits: torch.Tensor = self._fc(x)
+        return logits
 
 
 def efficientnet_lite0(num_classes: int = 1000, input_size: int = 224) -> EfficientNetLite:

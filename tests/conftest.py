@@ -1,0 +1,47 @@
+"""Shared fixtures: real photos, seeded weights files, and a real server on port 0."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from helpers import encode, make_settings
+
+from embedwarden.client import Client
+
+# Server first: it imports torch/torchvision before anything can import TensorFlow.
+from embedwarden.server import ServerThread
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PHOTO_NAMES = ("chelsea", "coffee", "rocket", "astronaut")
+
+
+@pytest.fixture(scope="session")
+def photo_arrays() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in PHOTO_NAMES}
+
+
+@pytest.fixture(scope="session")
+def photos(photo_arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """Real photos (scikit-image) as JPEG bytes, quality 95."""
+    return {name: encode(a, "JPEG", quality=95) for name, a in photo_arrays.items()}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One real server for the session, serving the built-in default model."""
+    thread = ServerThread(make_settings(tmp_path_factory.mktemp("server-data")))
+    thread.start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture()
+def client(server: ServerThread) -> Iterator[Client]:
+    with Client(server.address, timeout=120) as c:
+        yield c

@@ -1,0 +1,130 @@
+"""The dynamic batcher: coalescing, union of layers, bounded queue, cancellation, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from embedwarden.server import Overloaded, Unavailable
+from embedwarden.server._batching import DynamicBatcher
+
+
+def _wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[tuple[int, tuple[str, ...]]] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        self.gate.wait()
+        time.sleep(self.delay)
+        self.batches.append((len(batch), tuple(layers)))
+        return {layer: batch * (i + 1) for i, layer in enumerate(layers)}
+
+
+def test_concurrent_items_are_coalesced_up_to_the_max_batch():
+    run = Recorder()
+    run.gate.clear()  # hold the worker so that items pile up
+    batcher = DynamicBatcher(
+        "m", run, max_batch_size=4, max_queue_delay_s=0.05, max_queue_items=100
+    )
+    futures = [batcher.submit(np.full((2,), i, np.float32), ["a"]) for i in range(10)]
+    run.gate.set()
+    results = [f.result(5) for f in futures]
+    batcher.close()
+    sizes = [n for n, _ in run.batches]
+    assert sum(sizes) == 10 and max(sizes) == 4 and len(sizes) <= 4
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["a"], np.full((2,), i, np.float32))
+        assert r.batch_size <= 4 and r.queue_seconds >= 0
+
+
+def test_a_batch_runs_the_union_of_layers_and_each_item_keeps_its_own():
+    run = Recorder()
+    run.gate.clear()
+    batcher = DynamicBatcher(
+        "m", run, max_batch_size=8, max_queue_delay_s=0.05, max_queue_items=100
+    )
+    first = batcher.submit(np.ones(1, np.float32), ["b"])
+    second = batcher.submit(np.ones(1, np.float32), ["a", "b"])
+    run.gate.set()
+    assert set(first.result(5).outputs) == {"b"}
+    assert set(second.result(5).outputs) == {"a", "b"}
+    batcher.close()
+    assert run.batches == [(2, ("a", "b"))]
+
+
+def test_a_full_queue_refuses_at_once():
+    run = Recorder()
+    run.gate.clear()
+    batcher = DynamicBatcher("m", run, max_batch_size=1, max_queue_delay_s=0, max_queue_items=3)
+    held = [batcher.submit(np.zeros(1, np.float32), ["a"])]
+    _wait_until(lambda: batcher.depth == 0)  # the worker holds it, blocked on the gate
+    held += [batcher.submit(np.zeros(1, np.float32), ["a"]) for _ in range(3)]
+    started = time.perf_counter()
+    with pytest.raises(Overloaded, match="limit 3"):
+        batcher.submit(np.zeros(1, np.float32), ["a"])
+    with pytest.raises(Overloaded):
+        batcher.reserve(1)
+    assert time.perf_counter() - started < 0.1
+    run.gate.set()
+    for f in held:
+        f.result(5)
+    batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)  # recovers at once
+    batcher.close()
+
+
+def test_cancelled_items_never_run():
+    run = Recorder()
+    run.gate.clear()
+    batcher = DynamicBatcher("m", run, max_batch_size=1, max_queue_delay_s=0, max_queue_items=10)
+    running = batcher.submit(np.zeros(1, np.float32), ["a"])
+    _wait_until(lambda: batcher.depth == 0)
+    doomed = batcher.submit(np.zeros(1, np.float32), ["a"])
+    assert doomed.cancel()
+    run.gate.set()
+    running.result(5)
+    batcher.close()
+    assert len(run.batches) == 1
+
+
+def test_errors_reach_every_item_of_the_batch_and_the_worker_survives():
+    calls = []
+
+    def failing(batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return {layer: batch for layer in layers}
+
+    batcher = DynamicBatcher(
+        "m", failing, max_batch_size=4, max_queue_delay_s=0.02, max_queue_items=10
+    )
+    futures = [batcher.submit(np.zeros(1, np.float32), ["a"]) for _ in range(2)]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="boom"):
+            f.result(5)
+    assert batcher.submit(np.zeros(1, np.float32), ["a"]).result(5).outputs["a"].shape == (1,)
+    batcher.close()
+
+
+def test_close_finishes_queued_items_then_refuses():
+    run = Recorder(delay=0.01)
+    batcher = DynamicBatcher("m", run, max_batch_size=2, max_queue_delay_s=0, max_queue_items=10)
+    futures = [batcher.submit(np.zeros(1, np.float32), ["a"]) for _ in range(5)]
+    batcher.close()
+    assert all(f.done() and not f.cancelled() for f in futures)
+    with pytest.raises(Unavailable):
+        batcher.submit(np.zeros(1, np.float32), ["a"])

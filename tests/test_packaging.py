@@ -1,0 +1,55 @@
+"""Packaging rules: fresh generated code, a framework-free client, no absolute paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_grpc_code_is_fresh(tmp_path):
+    sys.path.insert(0, str(ROOT / "proto"))
+    try:
+        import generate  # proto/generate.py
+    finally:
+        sys.path.pop(0)
+    stale = []
+    for fresh in generate.generate(tmp_path):
+        committed = ROOT / "proto" / "embedwarden" / "v1" / fresh.name
+        if not committed.exists() or committed.read_bytes() != fresh.read_bytes():
+            stale.append(fresh.name)
+    assert not stale, f"regenerate with `python proto/generate.py`: {stale}"
+
+
+def test_the_base_install_is_the_client_without_frameworks():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"]).lower()
+    for heavy in ("torch", "tensorflow", "keras", "faiss", "lmdb", "pillow"):
+        assert heavy not in base
+    code = (
+        "import sys, embedwarden.client, embedwarden.client._cli; "
+        "bad = [m for m in ('torch', 'tensorflow', 'PIL', 'faiss') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_absolute_paths_of_a_machine_in_the_repo():
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    offenders = []
+    for name in tracked:
+        path = ROOT / name
+        if (
+            path.suffix in {".py", ".toml", ".md", ".yml", ".yaml", ".json", ".sh", ""}
+            and path.is_file()
+        ):
+            text = path.read_text(errors="ignore")
+            if "/work/" in text or "/home/" in text or "/root/" in text:
+                offenders.append(name)
+    assert not offenders, offenders

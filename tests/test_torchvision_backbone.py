@@ -1,0 +1,100 @@
+"""torchvision models: manifest from the weights entry, weights from the (offline) hub cache,
+intermediate layers through create_feature_extractor, eval mode, no in-place overwrites."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from helpers import seeded_torchvision_weights
+from PIL import Image
+
+from embedwarden.server import WeightsVerificationError, parse_manifest
+from embedwarden.server._manifest_tools import torchvision_manifest
+from embedwarden.server._preprocess import Preprocessor
+from embedwarden.server._weights import read_verified
+from embedwarden.server.backbones._torch import TorchBackbone
+
+
+@pytest.fixture(scope="module")
+def resnet18(tmp_path_factory):
+    home = tmp_path_factory.mktemp("torch-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(home))
+    path = seeded_torchvision_weights(home, "resnet18", "IMAGENET1K_V1", seed=1)
+    manifest = parse_manifest(torchvision_manifest("resnet18", "IMAGENET1K_V1"))
+    _, data = read_verified(manifest)
+    yield manifest, TorchBackbone(manifest, data, "cpu"), path
+    mp.undo()
+
+
+def test_manifest_is_written_from_the_weights_entry(resnet18):
+    manifest, _, path = resnet18
+    transform = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    p = manifest.preprocess
+    assert (p.resize_size, p.size) == (transform.resize_size[0], transform.crop_size[0])
+    assert p.interpolation == "bilinear" and p.antialias
+    assert p.mean == tuple(transform.mean) and p.std == tuple(transform.std)
+    assert manifest.weights.file == path.name == "resnet18-f37072fd.pth"
+    assert manifest.default_layer == "flatten"
+    assert manifest.layer("layer4.1").shape == (512, 7, 7)
+    assert manifest.layer("logits").shape == (1000,)
+
+
+def test_layers_match_a_direct_run_of_the_same_weights(resnet18, photo_arrays):
+    manifest, backbone, path = resnet18
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    model.eval()
+    image = Image.fromarray(photo_arrays["chelsea"])
+    reference_input = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()(image)
+    with torch.inference_mode():
+        reference = model(reference_input[None]).numpy()
+    ours = backbone.infer(Preprocessor(manifest.preprocess)(image)[None], ["logits", "flatten"])
+    np.testing.assert_allclose(ours["logits"], reference, atol=1e-5, rtol=0)
+    assert ours["flatten"].shape == (1, 512)
+
+
+def test_in_place_relu_does_not_overwrite_a_tapped_batchnorm(resnet18, photo_arrays):
+    manifest, backbone, _ = resnet18
+    x = Preprocessor(manifest.preprocess)(Image.fromarray(photo_arrays["coffee"]))[None]
+    out = backbone.infer(x, ["bn1", "relu"])
+    assert (out["bn1"] < 0).any(), "bn1 was overwritten by the in-place ReLU after it"
+    np.testing.assert_array_equal(out["relu"], np.maximum(out["bn1"], 0))
+
+
+def test_inference_leaves_weights_and_buffers_unchanged(resnet18):
+    _manifest, backbone, _ = resnet18
+    before = backbone.state_checksum()
+    backbone.infer(
+        np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32),
+        ["layer2.0", "logits"],
+    )
+    assert backbone.training_modules() == []
+    assert backbone.state_checksum() == before
+
+
+def test_batchnorm_in_training_mode_is_seen(resnet18):
+    _manifest, backbone, _ = resnet18
+    x = np.ones((2, 3, 224, 224), np.float32)
+    backbone.infer(x, ["layer1.0"])  # the extractor exists before the fault
+    before = backbone.state_checksum()
+    backbone.set_training("layer1.0.bn1", True)
+    try:
+        assert backbone.training_modules() and "layer1.0.bn1" in backbone.training_modules()
+        backbone.infer(x, ["layer1.0"])
+        assert backbone.state_checksum() != before  # running stats moved: a mutation
+    finally:
+        backbone.set_training("layer1.0.bn1", False)
+
+
+def test_a_different_file_under_the_same_name_refuses_to_load(resnet18, tmp_path):
+    manifest, _, path = resnet18
+    seeded_torchvision_weights(tmp_path, "resnet18", "IMAGENET1K_V1", seed=2)
+    other = tmp_path / "hub" / "checkpoints" / path.name
+    text = manifest.text.replace(
+        'format = "torch_state_dict"', f'format = "torch_state_dict"\npath = "{other.parent}"'
+    )
+    with pytest.raises(WeightsVerificationError, match="refusing to load"):
+        read_verified(parse_manifest(text))
