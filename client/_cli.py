@@ -19,6 +19,7 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from . import _cli_cache, _cli_check, _cli_index
 from ._client import POOLINGS, Client, default_address
 from ._exceptions import EmbedwardenError
 
@@ -305,6 +306,9 @@ def _register_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _register_core,
     _register_manifest,
+    _cli_cache.register,
+    _cli_index.register,
+    _cli_check.register,
 ]
 
 

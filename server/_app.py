@@ -65,6 +65,10 @@ class Application:
         workers = settings.decode_workers or available_cores()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.extraction = ExtractionService(self.models, settings, self.executor)
+        # Feature components; each _build_* wires one and registers what it needs.
+        self._build_cache()
+        self._build_index()
+        self._build_monitor()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -73,6 +77,23 @@ class Application:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: Tally[str] = Tally()
         self.models.on_change.append(self._on_model_change)
+
+    # --- feature components -----------------------------------------------------------------
+
+    def _build_cache(self) -> None:
+        """The LMDB embedding cache (issue 3)."""
+
+    def _build_index(self) -> None:
+        """FAISS collections (issue 4)."""
+
+    def _build_monitor(self) -> None:
+        """The consistency monitor (issue 5)."""
+
+    def _add_servicers(self, server: grpc.aio.Server) -> None:
+        """gRPC services beyond the core two."""
+
+    def _close_components(self) -> None:
+        """Flushes and closes feature components, after the last RPC finished."""
 
     # --- state shown to clients ----------------------------------------------------------
 
@@ -146,6 +167,7 @@ class Application:
         )
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(self), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self), server)
+        self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -190,6 +212,7 @@ class Application:
             await self.server.stop(grace)
         await asyncio.to_thread(self.models.close)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._close_components)
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:

@@ -48,6 +48,7 @@ class Settings:
     cache_enabled: bool = True
     cache_max_bytes: int = 4 * 1024**3
     cache_audit_fraction: float = 0.01
+    index_snapshot_interval_s: float = 60.0  # snapshot a changed collection at most this often
     check_interval_s: float = 300.0
     consistency_warn_only: bool = False
     grace_s: float = 30.0
@@ -147,6 +148,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache", dest="cache_enabled", type=_parse_bool, help="enable the LMDB cache")
     a("--cache-max-bytes", type=int, help="cache size bound in bytes (default 4 GiB)")
     a("--cache-audit-fraction", type=float, help="fraction of cache hits recomputed")
+    a(
+        "--index-snapshot-interval-s",
+        type=float,
+        help="seconds between FAISS snapshots of a changed collection (default 60)",
+    )
     a("--check-interval-s", type=float, help="seconds between periodic consistency checks")
     a(
         "--consistency-warn-only",

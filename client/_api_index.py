@@ -1,0 +1,9 @@
+"""Client methods for similarity search (IndexService)."""
+
+from __future__ import annotations
+
+from ._base import ClientBase
+
+
+class IndexAPI(ClientBase):
+    pass
