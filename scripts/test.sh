@@ -27,6 +27,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
 
 ruff check .
-ruff format --check server client tests bench proto/generate.py
+ruff format --check .
 scripts/typecheck.sh
 python -m pytest "$@"
