@@ -1,0 +1,274 @@
+"""The cache's guarantees with real server processes (`python -m embedwarden.server --port 0`):
+kill -9 during a burst of misses, graceful shutdown, and two servers on one data directory.
+
+What an acknowledged request guarantees about its entries (README, "Cache"): nothing is written
+before the response; entries are committed shortly after. A crash may lose entries that were
+not committed yet, never corrupt one: after a restart each entry is absent or holds exactly the
+bytes a response returned. A graceful shutdown (SIGTERM) commits every queued entry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedwarden.client import Client, EmbedwardenError
+from embedwarden.server._cache import verify_cache
+from embedwarden.server._cache_db import CacheDB, VerifyReport
+from embedwarden.server._cache_format import KeyMaker, decode_entry
+from embedwarden.server._extraction import input_digest
+from embedwarden.server._preprocess import RawImage
+
+pytestmark = pytest.mark.slow  # three server processes; they still run in CI
+
+MODEL = "efficientnet_lite0"
+LAYERS = ["features", "logits"]  # pooling "none": 250 KB per item, heavy write bursts
+
+
+class Server:
+    """One server process on port 0; the bound port comes back through --port-file."""
+
+    def __init__(self, data_dir: Path, name: str) -> None:
+        self.data_dir = data_dir
+        self.port_file = data_dir.parent / f"{name}.port"
+        self.log = data_dir.parent / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def launch(self) -> Server:
+        self.port_file.unlink(missing_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "embedwarden.server",
+                    "--port",
+                    "0",
+                    "--port-file",
+                    str(self.port_file),
+                    "--metrics-port",
+                    "-1",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--cache-audit-fraction",
+                    "0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            )
+        return self
+
+    def wait(self, timeout: float = 240.0) -> Server:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while not self.port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
+        with Client(self.address, timeout=10) as client:
+            client.wait_until_serving(max(1.0, deadline - time.monotonic()))
+        return self
+
+    def start(self) -> Server:
+        return self.launch().wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert self.proc.wait(30) == -signal.SIGKILL
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(120)
+
+    def stop_quietly(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def burst(
+    address: str,
+    inputs: list[np.ndarray],
+    acked: dict[int, dict[str, bytes]],
+    stop: threading.Event,
+    workers: int = 4,
+) -> list[threading.Thread]:
+    """Concurrent single-item requests; records the bytes of every acknowledged response."""
+
+    def work(k: int) -> None:
+        with Client(address, timeout=60, retries=0) as client:
+            for i in range(k, len(inputs), workers):
+                if stop.is_set():
+                    return
+                try:
+                    r = client.extract([inputs[i]], MODEL, layers=LAYERS, pooling="none")
+                except EmbedwardenError:
+                    return  # the server is gone
+                acked[i] = {layer: r[layer][0].tobytes() for layer in LAYERS}
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def read_back(address: str, inputs: list[np.ndarray], acked: dict[int, dict[str, bytes]]) -> int:
+    """Requests every acknowledged input again; a hit must be byte-identical to the acked
+    response, a miss is recomputed (and must agree). Returns the number of hits."""
+    hits = 0
+    with Client(address, timeout=120) as client:
+        order = sorted(acked)
+        for start in range(0, len(order), 16):
+            chunk = order[start : start + 16]
+            r = client.extract([inputs[i] for i in chunk], MODEL, layers=LAYERS, pooling="none")
+            for row, i in enumerate(chunk):
+                for layer in LAYERS:
+                    got = r[layer][row]
+                    if r.cached[layer][row]:
+                        assert got.tobytes() == acked[i][layer], f"input {i} {layer}"
+                        hits += 1
+                    else:
+                        expected = np.frombuffer(acked[i][layer], got.dtype).reshape(got.shape)
+                        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    return hits
+
+
+def stored(cache_dir: Path, fingerprint: str, inputs: list[np.ndarray]) -> list[dict[str, bytes]]:
+    """Offline: the stored payload of each input's entries (b"" where absent), read-only."""
+    maker = KeyMaker()
+    db = CacheDB(cache_dir, 1 << 40, readonly=True)
+    try:
+        out = []
+        for image in inputs:
+            digest = input_digest(RawImage(image.tobytes(), image.shape, "uint8"))
+            keys = [maker(fingerprint, layer, "none", "float32", False, digest) for layer in LAYERS]
+            values, _ = db.get_many(keys)
+            out.append(
+                {
+                    layer: b"" if v is None else decode_entry(k, v).tobytes()
+                    for layer, k, v in zip(LAYERS, keys, values, strict=True)
+                }
+            )
+        return out
+    finally:
+        db.close()
+
+
+@dataclass
+class Crashed:
+    data: Path
+    report: VerifyReport
+    server: Server
+    inputs: list[np.ndarray]
+    acked: dict[int, dict[str, bytes]]
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crashed]:
+    """A server killed with SIGKILL in the middle of a burst of misses, then restarted."""
+    data = tmp_path_factory.mktemp("crash") / "data"
+    first = Server(data, "first")
+    second = Server(data, "second")
+    try:
+        first.start()
+        inputs = images(400, seed=1)
+        acked: dict[int, dict[str, bytes]] = {}
+        stop = threading.Event()
+        threads = burst(first.address, inputs, acked, stop)
+        with Client(first.address, timeout=10) as client:
+            deadline = time.monotonic() + 120
+            # At most `workers` items are computed but not yet acknowledged at any moment, so
+            # 2 x (2 + 4) committed entries include those of at least 2 acknowledged items.
+            while len(acked) < 8 or client.cache_stats().entries < 12:
+                assert time.monotonic() < deadline, "the burst made no progress"
+                time.sleep(0.02)
+        first.kill9()  # requests in flight, writes queued, a group commit likely running
+        stop.set()
+        for t in threads:
+            t.join(60)
+        report = verify_cache(data / "cache")  # offline, before anything else opens it
+        second.start()
+        yield Crashed(data, report, second, inputs, dict(acked))
+    finally:
+        first.stop_quietly()
+        second.stop_quietly()
+
+
+def test_kill_9_during_a_burst_of_misses_then_restart(crashed):
+    report = crashed.report
+    assert report.passed, report  # every entry passes its checksum; bookkeeping consistent
+    assert report.entries >= 12 and report.ok == report.entries
+    hits = read_back(crashed.server.address, crashed.inputs, crashed.acked)
+    assert hits >= 4  # entries committed before the kill are served exactly as acknowledged
+    with Client(crashed.server.address) as client:  # and the restarted server serves
+        fresh = client.extract(images(1, seed=99), MODEL, layers=LAYERS, pooling="none")
+        assert fresh["features"].shape == (1, 1280, 7, 7) and not fresh.cached["logits"].any()
+        assert client.cache_stats().corrupt == 0
+
+
+def test_two_servers_share_one_directory_and_sigterm_commits_every_acknowledged_entry(crashed):
+    second = crashed.server
+    third = Server(crashed.data, "third").start()  # beside the running one, same data dir
+    try:
+        new = images(3, seed=3)
+        with Client(second.address) as c2, Client(third.address) as c3:
+            computed = c2.extract(new, MODEL, layers=LAYERS, pooling="none")
+            assert not computed.cached["features"].any()
+            deadline = time.monotonic() + 30
+            while c2.cache_stats().pending_writes:  # committed by one process ...
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            seen = c3.extract(new, MODEL, layers=LAYERS, pooling="none")  # ... read by the other
+            assert seen.cached["features"].all() and seen.cached["logits"].all()
+            assert seen["features"].tobytes() == computed["features"].tobytes()
+
+            # Both write at once; then one purges everything, and the other sees it.
+            done_2: dict[int, dict[str, bytes]] = {}
+            done_3: dict[int, dict[str, bytes]] = {}
+            more_2, more_3 = images(6, seed=4), images(6, seed=5)
+            threads = burst(second.address, more_2, done_2, threading.Event(), workers=2)
+            threads += burst(third.address, more_3, done_3, threading.Event(), workers=2)
+            for t in threads:
+                t.join(300)
+            assert len(done_2) == len(done_3) == 6
+            assert c3.purge_cache() >= 2 * (3 + 6 + 6)
+            assert (
+                not c2.extract(new[:1], MODEL, layers=LAYERS, pooling="none")
+                .cached["features"]
+                .any()
+            )
+
+            # A burst, then SIGTERM right after the last acknowledgement (writes still queued):
+            # every acknowledged entry is on disk afterwards, byte for byte.
+            last = images(12, seed=6)
+            done: dict[int, dict[str, bytes]] = {}
+            for t in burst(second.address, last, done, threading.Event()):
+                t.join(300)
+            fingerprint = computed.model.fingerprint
+        assert len(done) == len(last)
+        assert second.terminate() == 0 and third.terminate() == 0
+        on_disk = stored(crashed.data / "cache", fingerprint, last)
+        assert on_disk == [done[i] for i in range(len(last))]
+        assert verify_cache(crashed.data / "cache").passed
+    finally:
+        third.stop_quietly()
