@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,7 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._reserved = 0  # admitted inputs: decoding, queued or running
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -90,13 +92,24 @@ class DynamicBatcher:
             self._on_depth(depth)
         return future
 
-    def reserve(self, count: int) -> None:
-        """Refuses early, before any decoding, when `count` more items cannot fit."""
-        if len(self._queue) + count > self.max_queue_items:
-            raise Overloaded(
-                f"model {self.name}: queue holds {len(self._queue)} of {self.max_queue_items} "
-                f"inputs, {count} more don't fit; retry with backoff"
-            )
+    @contextmanager
+    def reserve(self, count: int) -> Iterator[None]:
+        """Admission: holds `count` of the `max_queue_items` slots while those inputs are
+        decoded, queued and run. Refused at once, before any decoding, when they don't fit, so
+        memory stays bounded however many clients call."""
+        with self._cond:
+            if self._reserved + count > self.max_queue_items:
+                in_flight = self._reserved
+                raise Overloaded(
+                    f"model {self.name}: {in_flight} of {self.max_queue_items} input slots are "
+                    f"in use, {count} more don't fit; retry with backoff"
+                )
+            self._reserved += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._reserved -= count
 
     def close(self, timeout: float | None = None) -> None:
         """Stops accepting; items already queued still run. Waits for the worker to finish."""

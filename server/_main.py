@@ -22,5 +22,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     from ._app import serve  # heavy imports (torch) only once settings parsed
+    from ._errors import EmbedwardenError
 
-    return serve(settings)
+    try:
+        return serve(settings)
+    except EmbedwardenError as exc:
+        logging.getLogger("embedwarden").error("cannot start: %s", exc)
+        return 2

@@ -76,8 +76,10 @@ def test_a_full_queue_refuses_at_once():
     started = time.perf_counter()
     with pytest.raises(Overloaded, match="limit 3"):
         batcher.submit(np.zeros(1, np.float32), ["a"])
-    with pytest.raises(Overloaded):
-        batcher.reserve(1)
+    with batcher.reserve(2), pytest.raises(Overloaded, match="slots"), batcher.reserve(2):
+        pass  # the second reservation doesn't fit beside the first: 2 + 2 > 3
+    with batcher.reserve(3):  # released again: the whole budget fits
+        pass
     assert time.perf_counter() - started < 0.1
     run.gate.set()
     for f in held:
