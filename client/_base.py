@@ -68,15 +68,20 @@ class ClientBase:
         certificate_chain: bytes | None = None,
         private_key: bytes | None = None,
         tls: bool | None = None,
+        server_name: str | None = None,
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
+        """`token` (else $EMBEDWARDEN_TOKEN) is sent as a bearer token. TLS is used when
+        `root_certificates` is given (or `tls=True` for the system roots); `certificate_chain` and
+        `private_key` add a client certificate (mutual TLS); `server_name` overrides the name
+        checked against the server certificate."""
         self.address = address or default_address()
         self.timeout = timeout
         token = token if token is not None else os.environ.get("EMBEDWARDEN_TOKEN")
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
@@ -84,6 +89,8 @@ class ClientBase:
         ]
         use_tls = tls if tls is not None else root_certificates is not None
         if use_tls:
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
             credentials = grpc.ssl_channel_credentials(
                 root_certificates, private_key, certificate_chain
             )

@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from . import _cli_cache, _cli_check, _cli_index
+from . import _cli_cache, _cli_check, _cli_index, _cli_parity
 from ._client import POOLINGS, Client, default_address
 from ._exceptions import EmbedwardenError
 
@@ -267,13 +267,25 @@ def cmd_manifest(args: argparse.Namespace, client: Client | None) -> int:
         print(f"manifest generation needs the server extra ({exc})", file=sys.stderr)
         return 2
     try:
-        text = torchvision_manifest(
-            args.arch,
-            args.weights,
-            weights_file=args.weights_file,
-            name=args.name,
-            version=args.version,
-        )
+        if args.framework == "keras":  # imports TensorFlow: only here
+            from embedwarden.server.backbones._keras_manifest import keras_manifest
+
+            text = keras_manifest(
+                args.arch,
+                Path(args.weights),
+                name=args.name,
+                version=args.version,
+                size=args.size,
+                options=dict(args.option or ()),
+            )
+        else:
+            text = torchvision_manifest(
+                args.arch,
+                args.weights,
+                weights_file=args.weights_file,
+                name=args.name,
+                version=args.version,
+            )
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -285,16 +297,42 @@ def cmd_manifest(args: argparse.Namespace, client: Client | None) -> int:
     return 0
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    return key.strip(), value
+
+
 def _register_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("manifest", help="write a manifest for a torchvision model (offline)")
-    p.add_argument("framework", choices=("torchvision",))
-    p.add_argument("arch", help="torchvision model name, e.g. resnet50")
-    p.add_argument("weights", help="weights entry, e.g. IMAGENET1K_V2")
+    p = sub.add_parser(
+        "manifest", help="write a manifest for a torchvision or keras.applications model (offline)"
+    )
+    p.add_argument("framework", choices=("torchvision", "keras"))
+    p.add_argument("arch", help="model name, e.g. resnet50 (torchvision), MobileNetV2 (keras)")
+    p.add_argument(
+        "weights",
+        help="torchvision: weights entry, e.g. IMAGENET1K_V2; keras: the weights file (a path, "
+        "or a file name in $KERAS_HOME/models)",
+    )
     p.add_argument(
         "--weights-file",
         type=Path,
         default=None,
-        help="the .pth file (default: the torch hub cache)",
+        help="torchvision: the .pth file (default: the torch hub cache)",
+    )
+    p.add_argument("--size", type=int, default=None, help="keras: input size (default: its own)")
+    p.add_argument(
+        "--option",
+        type=_key_value,
+        action="append",
+        help="keras: constructor option KEY=VALUE (TOML value, e.g. alpha=0.35; repeatable)",
     )
     p.add_argument("--name", default=None, help="model name (default: the architecture)")
     p.add_argument("--version", default="1")
@@ -302,13 +340,40 @@ def _register_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(handler=cmd_manifest, offline=True)
 
 
+def cmd_token(args: argparse.Namespace, client: Client | None) -> int:
+    try:
+        from embedwarden.server._security import new_token
+    except ImportError as exc:
+        print(f"token management needs the server extra ({exc})", file=sys.stderr)
+        return 2
+    token = new_token(args.tokens_file, args.name, args.role)
+    print(token)
+    print(
+        f"added {args.role} token {args.name!r} to {args.tokens_file} (only its SHA-256 is "
+        "stored; keep the token above, it is not shown again)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _register_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("token", help="create bearer tokens (server side, offline)")
+    p.add_argument("action", choices=("new",))
+    p.add_argument("--name", required=True)
+    p.add_argument("--role", required=True, choices=("reader", "writer", "admin"))
+    p.add_argument("--tokens-file", type=Path, required=True)
+    p.set_defaults(handler=cmd_token, offline=True)
+
+
 # Each entry adds its subcommands; feature modules append theirs here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _register_core,
     _register_manifest,
+    _register_token,
     _cli_cache.register,
     _cli_index.register,
     _cli_check.register,
+    _cli_parity.register,
 ]
 
 
@@ -323,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--token", default=None, help="bearer token (default $EMBEDWARDEN_TOKEN)")
     parser.add_argument("--ca", type=Path, default=None, help="CA certificate: connect with TLS")
+    parser.add_argument("--cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    parser.add_argument("--key", type=Path, default=None, help="client private key (mutual TLS)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-call deadline, seconds")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="start a server (flags: embedwarden serve --help)", add_help=False)
@@ -346,11 +413,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     root = args.ca.read_bytes() if args.ca else None
+    chain = args.cert.read_bytes() if args.cert else None
+    key = args.key.read_bytes() if args.key else None
     try:
         if getattr(args, "offline", False):
             return int(args.handler(args, None))
         with Client(
-            args.server, token=args.token, timeout=args.timeout, root_certificates=root
+            args.server,
+            token=args.token,
+            timeout=args.timeout,
+            root_certificates=root,
+            certificate_chain=chain,
+            private_key=key,
         ) as client:
             return int(args.handler(args, client))
     except EmbedwardenError as exc:

@@ -16,6 +16,7 @@ from embedwarden.v1 import admin_pb2, embedding_pb2, types_pb2
 from ._api_cache import CacheAPI
 from ._api_consistency import ConsistencyAPI
 from ._api_index import IndexAPI
+from ._api_parity import ParityAPI
 from ._base import ClientBase, default_address
 from ._exceptions import from_rpc_error, from_status
 from ._tensor import to_array, to_tensor
@@ -114,7 +115,7 @@ class Extraction:
         return cls(ModelIdentity.from_proto(response.model), arrays, layouts, cached, timings)
 
 
-class Client(CacheAPI, IndexAPI, ConsistencyAPI, ClientBase):
+class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, ClientBase):
     """Blocking client. Use as a context manager, or call `close()`.
 
     Retries: UNAVAILABLE is retried by gRPC itself (see `_base`). Errors are the typed

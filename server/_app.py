@@ -15,6 +15,7 @@ import threading
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,15 +26,23 @@ from embedwarden.v1 import (
     admin_pb2_grpc,
     embedding_pb2,
     embedding_pb2_grpc,
+    index_pb2,
+    index_pb2_grpc,
 )
 
 from . import _convert as convert
+from . import _security as security
+from ._cache import LmdbCache, open_cache
+from ._consistency import ConsistencyMonitor
 from ._errors import Overloaded
 from ._extraction import ExtractionService
 from ._frameworks import available_cores, configure_process, resolve_device
+from ._index import IndexManager
+from ._index_servicer import IndexServicer
 from ._manifest import Manifest
 from ._metrics import METRICS
 from ._models import LoadedModel, ModelManager, ModelState
+from ._parity import ParityMonitor, parse_pairs
 from ._registry import Registry, build_registry, parse_model_ref
 from ._servicer import AdminServicer, EmbeddingServicer
 from ._settings import Settings
@@ -43,6 +52,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name,
 )
 
 
@@ -69,6 +79,7 @@ class Application:
         self._build_cache()
         self._build_index()
         self._build_monitor()
+        self._build_parity()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -82,18 +93,43 @@ class Application:
 
     def _build_cache(self) -> None:
         """The LMDB embedding cache (issue 3)."""
+        self.cache: LmdbCache | None = open_cache(self.settings)
+        self.extraction.cache = self.cache
 
     def _build_index(self) -> None:
-        """FAISS collections (issue 4)."""
+        """FAISS collections (issue 4): recovered from snapshots and the log here."""
+        self.index: IndexManager | None = IndexManager(
+            self.settings, self.registry, self.models, self.extraction
+        )
 
     def _build_monitor(self) -> None:
-        """The consistency monitor (issue 5)."""
+        """The consistency monitor (issue 5): load-time checks gate SERVING, the rest run on
+        its own thread; cache hits are sampled for recomputation."""
+        self.monitor: ConsistencyMonitor | None = ConsistencyMonitor(
+            self.settings, self.models, self.registry, self.extraction.cache
+        )
+        self.monitor.attach()
+        self.extraction.audit_hooks.append(self.monitor.audit)
+
+    def _build_parity(self) -> None:
+        """Parity metrics for the configured model pairs (issue 6)."""
+        pairs = parse_pairs(self.settings.parity_pairs, self.registry)
+        self.parity = (
+            ParityMonitor(self.models, pairs, self.settings.check_interval_s) if pairs else None
+        )
 
     def _add_servicers(self, server: grpc.aio.Server) -> None:
         """gRPC services beyond the core two."""
+        index_pb2_grpc.add_IndexServiceServicer_to_server(IndexServicer(self), server)
 
     def _close_components(self) -> None:
         """Flushes and closes feature components, after the last RPC finished."""
+        if self.index is not None:
+            self.index.close()  # snapshots every changed collection
+        if self.parity is not None:
+            self.parity.close()
+        if self.cache is not None:
+            self.cache.close()  # commits every queued write first
 
     # --- state shown to clients ----------------------------------------------------------
 
@@ -161,7 +197,9 @@ class Application:
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
+        security.check_policy(self.settings)
         server = grpc.aio.server(
+            interceptors=security.interceptors(self.settings),
             options=self._grpc_options(),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
@@ -173,10 +211,16 @@ class Application:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await self._publish_health()
-        self.port = server.add_insecure_port(self.settings.address)
+        credentials = security.server_credentials(self.settings)
+        if credentials is None:
+            self.port = server.add_insecure_port(self.settings.address)
+        else:
+            self.port = server.add_secure_port(self.settings.address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await server.start()
+        if self.settings.port_file is not None:
+            _write_port_file(self.settings.port_file, self.port)
         self.server = server
         if self.settings.metrics_port >= 0:
             self.metrics_port = METRICS.serve(
@@ -210,6 +254,8 @@ class Application:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.monitor is not None:  # before models go: a running check would delay unload
+            await asyncio.to_thread(self.monitor.close)
         await asyncio.to_thread(self.models.close)
         self.executor.shutdown(wait=True, cancel_futures=True)
         await asyncio.to_thread(self._close_components)
@@ -218,6 +264,13 @@ class Application:
     async def wait_for_termination(self) -> None:
         if self.server is not None:
             await self.server.wait_for_termination()
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    """Writes the bound port atomically, so a reader never sees a partial number."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
 
 
 async def create_server(

@@ -19,6 +19,7 @@ import numpy as np
 
 from ._batching import ItemOutput
 from ._errors import InvalidInput, LimitExceeded
+from ._frameworks import available_cores
 from ._manifest import LayerSpec
 from ._metrics import METRICS
 from ._models import LoadedModel, ModelIdentity, ModelManager
@@ -125,6 +126,10 @@ def input_digest(source: ImageSource) -> bytes:
     return hashlib.sha256(source).digest()
 
 
+def _digest_all(sources: Sequence[ImageSource]) -> list[bytes]:
+    return [input_digest(s) for s in sources]
+
+
 def plan_layers(model: LoadedModel, options: ExtractOptions) -> list[PlannedLayer]:
     manifest = model.manifest
     names = options.layers or (manifest.default_layer,)
@@ -191,44 +196,41 @@ class ExtractionService:
         if cache is not None:
             t0 = time.perf_counter()
             digests = await self._digests(sources)
+            # Per-item work is kept to the key and the lookup (cache hits are the hot path).
+            make_key, fingerprint = cache.key, identity.fingerprint
+            dtype, normalize = options.dtype, options.normalize
+            specs = [(p.spec.name, p.pooling.value) for p in plan]
             keys = [
-                [
-                    cache.key(
-                        identity.fingerprint,
-                        p.spec.name,
-                        p.pooling.value,
-                        options.dtype,
-                        options.normalize,
-                        d,
-                    )
-                    for p in plan
-                ]
+                [make_key(fingerprint, layer, pool, dtype, normalize, d) for layer, pool in specs]
                 for d in digests
             ]
             if options.cache is CacheMode.ON:
                 found = cache.lookup([k for row in keys for k in row])
                 hits: list[CacheHit] = []
-                for i in range(n):
-                    for j, p in enumerate(plan):
-                        array = found[i * len(plan) + j]
+                audited = bool(self.audit_hooks)  # build CacheHit records only when consumed
+                width = len(plan)
+                for j, p in enumerate(plan):
+                    name, layout = p.spec.name, p.layout
+                    for i, array in enumerate(found[j::width]):
                         if array is not None:
-                            results[i][j] = Embedding(p.spec.name, array, p.layout, True)
-                            hits.append(CacheHit(sources[i], p, options, array, keys[i][j]))
+                            results[i][j] = Embedding(name, array, layout, True)
+                            if audited:
+                                hits.append(CacheHit(sources[i], p, options, array, keys[i][j]))
                 if hits:
                     for hook in self.audit_hooks:
                         hook(model, hits)
             timings.cache = time.perf_counter() - t0
 
-        todo = [i for i in range(n) if any(e is None for e in results[i])]
+        todo = [i for i, row in enumerate(results) if None in row]
         hit_items = n - len(todo)
         if hit_items:
             METRICS.items.labels(identity.name, identity.version, "cache").inc(hit_items)
         if todo:
-            model.batcher.reserve(len(todo))
             layer_names = [p.spec.name for p in plan]
-            outputs = await _gather_or_cancel(
-                [self._compute(model, i, sources[i], layer_names) for i in todo]
-            )
+            with model.batcher.reserve(len(todo)):  # refused before any decoding when full
+                outputs = await _gather_or_cancel(
+                    [self._compute(model, i, sources[i], layer_names) for i in todo]
+                )
             fresh: list[tuple[bytes, np.ndarray]] = []
             for i, (output, prep_s) in zip(todo, outputs, strict=True):
                 timings.preprocess = max(timings.preprocess, prep_s)
@@ -257,8 +259,16 @@ class ExtractionService:
         total = sum(len(s.data) if isinstance(s, RawImage) else len(s) for s in sources)
         if total < (1 << 20):
             return [input_digest(s) for s in sources]
+        # hashlib releases the GIL: a large request hashes in chunks, in parallel on the pool.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: [input_digest(s) for s in sources])
+        workers = self.settings.decode_workers or available_cores()
+        parts = max(1, min(len(sources), workers, total >> 20))
+        step = -(-len(sources) // parts)
+        chunks = [sources[i : i + step] for i in range(0, len(sources), step)]
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self.executor, _digest_all, chunk) for chunk in chunks)
+        )
+        return [d for part in done for d in part]
 
     async def _compute(
         self, model: LoadedModel, index: int, source: ImageSource, layers: list[str]

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from types import ModuleType
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,50 @@ def import_tensorflow() -> ModuleType:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised: growth can no longer change
             log.warning("could not enable TensorFlow memory growth on %s", gpu.name)
+    _configure_tensorflow_once(tf)
     return tf
+
+
+_tf_configured: list[bool] = []  # appended to once, under the lock
+_tf_lock = threading.Lock()
+
+
+def _configure_tensorflow_once(tf: ModuleType) -> None:
+    """TensorFlow's thread pools and determinism, set once, before its runtime starts.
+
+    They mirror the torch flags `configure_process` already set (the server runs it before any
+    model loads): as many intra-op threads as torch (the two frameworks share the cores, and
+    TF's default is every core, on top of torch's), a small inter-op pool (CNN graphs are
+    sequential), op determinism when torch runs deterministic algorithms, and TF32 only where
+    torch allows it.
+    """
+    with _tf_lock:
+        if _tf_configured:
+            return
+        _tf_configured.append(True)
+    torch = import_torch()
+    threads = torch.get_num_threads()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # the runtime started already (TensorFlow used before the server)
+        log.warning("TensorFlow thread pools were already initialised; left as they are")
+    if torch.are_deterministic_algorithms_enabled():
+        tf.config.experimental.enable_op_determinism()
+    # TensorFlow runs float32 matmuls/convolutions in TF32 on Ampere+ GPUs unless told not to.
+    tf.config.experimental.enable_tensor_float_32_execution(
+        bool(torch.backends.cuda.matmul.allow_tf32)
+    )
+    log.info("tensorflow %s: intra-op threads %d", tf.__version__, threads)
+
+
+def _tf_op_determinism() -> str:
+    try:  # no public getter; the setter is tf.config.experimental.enable_op_determinism
+        from tensorflow.python.framework import config as tf_config
+
+        return str(tf_config.is_op_determinism_enabled())
+    except (ImportError, AttributeError):
+        return "unknown"
 
 
 def available_cores() -> int:
@@ -123,4 +167,6 @@ def process_flags() -> dict[str, str]:
         flags["keras_floatx"] = keras.config.floatx()
         flags["keras_image_data_format"] = keras.config.image_data_format()
         flags["keras_dtype_policy"] = keras.config.dtype_policy().name
+        flags["tf_op_determinism"] = _tf_op_determinism()
+        flags["tf_tf32"] = str(tf.config.experimental.tensor_float_32_execution_enabled())
     return flags

@@ -159,6 +159,12 @@ class Metrics:
             ["model", "version", "check"],
             registry=r,
         )
+        self.check_duration = Gauge(
+            f"{PREFIX}_consistency_check_duration_seconds",
+            "Wall time of the last run of a consistency check (all its layers and canaries).",
+            ["model", "version", "check"],
+            registry=r,
+        )
         self.weight_mutations = Counter(
             f"{PREFIX}_weight_mutations_total",
             "In-memory parameter or buffer changes detected after inference.",
@@ -167,7 +173,8 @@ class Metrics:
         )
         self.cache_audit = Counter(
             f"{PREFIX}_cache_audit_total",
-            "Cache hits recomputed and compared, by result (match, mismatch).",
+            "Cache hits recomputed and compared, by result: match (bit-identical), "
+            "within_tolerance (differs by batch rounding only), mismatch.",
             ["model", "version", "result"],
             registry=r,
         )

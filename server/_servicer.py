@@ -16,6 +16,7 @@ import grpc
 from embedwarden.v1 import admin_pb2, admin_pb2_grpc, embedding_pb2, embedding_pb2_grpc
 
 from . import _convert as convert
+from . import _parity as parity
 from ._errors import EmbedwardenError, FailedPrecondition, InvalidInput
 from ._rpc_errors import describe, rpc_method, rpc_stream_method
 
@@ -145,22 +146,55 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetCacheStats(
         self, request: admin_pb2.GetCacheStatsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetCacheStatsResponse:
-        raise FailedPrecondition("the embedding cache is not built into this server yet")
+        cache = self.app.cache
+        if cache is None:
+            return admin_pb2.GetCacheStatsResponse(enabled=False)
+        stats = await asyncio.to_thread(cache.stats)
+        return convert.cache_stats(stats, self.app.registry)
 
     @rpc_method("PurgeCache")
     async def PurgeCache(
         self, request: admin_pb2.PurgeCacheRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PurgeCacheResponse:
-        raise FailedPrecondition("the embedding cache is not built into this server yet")
+        cache = self.app.cache
+        if cache is None:
+            raise FailedPrecondition("this server runs without a cache (--cache false)")
+        fingerprint = None
+        if request.HasField("model"):
+            name, version = convert.model_ref(request.model)
+            if not version:
+                raise InvalidInput(
+                    f"purge one version at a time: give NAME@VERSION, not {name!r} alone"
+                )
+            fingerprint = self.app.registry.resolve(name, version).fingerprint()
+        removed = await asyncio.to_thread(cache.purge, fingerprint)
+        return admin_pb2.PurgeCacheResponse(removed=removed)
 
     @rpc_method("CheckConsistency")
     async def CheckConsistency(
         self, request: admin_pb2.CheckConsistencyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CheckConsistencyResponse:
-        raise FailedPrecondition("the consistency monitor is not built into this server yet")
+        monitor = self.app.monitor
+        if monitor is None:
+            raise FailedPrecondition("this server runs without the consistency monitor")
+        name, version = convert.model_ref(request.model, required=False)
+        result = await asyncio.to_thread(monitor.check, name, version)
+        return convert.consistency_report(result)
 
     @rpc_method("CompareModels")
     async def CompareModels(
         self, request: admin_pb2.CompareModelsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CompareModelsResponse:
-        raise FailedPrecondition("parity reports are not built into this server yet")
+        a = self.app.models.get(*convert.model_ref(request.model_a, what="model_a"))
+        b = self.app.models.get(*convert.model_ref(request.model_b, what="model_b"))
+        settings = self.app.settings
+        report = await asyncio.to_thread(
+            parity.compare_models,
+            a,
+            b,
+            convert.image_sources(request.inputs),
+            tuple(request.layers),
+            max_pixels=settings.max_image_pixels,
+            max_inputs=settings.max_inputs_per_request,
+        )
+        return convert.parity_response(report)

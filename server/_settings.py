@@ -27,6 +27,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    port_file: Path | None = None  # written with the bound port once listening (for --port 0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # -1 disables the exporter, 0 picks a free port
     data_dir: Path = field(default_factory=default_data_dir)
@@ -57,7 +58,7 @@ class Settings:
     tls_client_ca: Path | None = None
     tokens_file: Path | None = None
     insecure: bool = False
-    parity_pairs: tuple[str, ...] = ()  # "A,B" pairs of NAME[@VERSION] compared periodically
+    parity_pairs: tuple[str, ...] = ()  # "A;B" pairs of NAME[@VERSION], comma-separated
     log_level: str = "INFO"
 
     @property
@@ -115,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--host", help="listen address (default 127.0.0.1; others need TLS and tokens)")
     a("--port", type=int, help="gRPC port (default 50051; 0 picks a free port)")
+    a("--port-file", type=Path, help="write the bound gRPC port to this file once listening")
     a("--metrics-host", help="Prometheus exporter address (default 127.0.0.1)")
     a("--metrics-port", type=int, help="Prometheus exporter port (default 9464; -1 disables)")
     a("--data-dir", type=Path, help="cache, index and golden embeddings (default XDG data dir)")

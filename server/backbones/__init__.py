@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .._errors import FailedPrecondition
 from .._manifest import Manifest
-from .._weights import VerifiedWeights, locate_and_verify, read_verified
+from .._weights import VerifiedWeights, read_verified
 from ._base import Backbone
 
 __all__ = ["Backbone", "load_backbone"]
@@ -22,5 +22,10 @@ def load_backbone(
 
         verified, data = read_verified(manifest, weights_dirs)
         return TorchBackbone(manifest, data, device), verified
-    locate_and_verify(manifest, weights_dirs)
-    raise FailedPrecondition(f"{manifest.ref}: {manifest.framework} backbones are not built yet")
+    if manifest.framework == "keras":
+        # Imported only here: a server without Keras models never pays TensorFlow's import.
+        from ._keras import KerasBackbone
+
+        verified, data = read_verified(manifest, weights_dirs)
+        return KerasBackbone(manifest, data, device), verified
+    raise FailedPrecondition(f"{manifest.ref}: no backbone for framework {manifest.framework}")

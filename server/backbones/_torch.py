@@ -15,7 +15,8 @@ import io
 import logging
 import operator
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,51 @@ def _disable_inplace_graph(graph_module: fx.GraphModule) -> None:
         graph_module.recompile()
 
 
+class _TraceGuard:
+    """Keeps torch.fx tracing and forward passes apart, process-wide.
+
+    `fx.Tracer.trace` patches `torch.nn.Module.__call__` and `__getattr__` on the class for the
+    duration of a trace: a forward pass of any other model on another thread meanwhile runs
+    through the tracer and fails ("module is not installed as a submodule") or records into the
+    wrong graph. Tracing (a model load, a new layer set) takes the guard exclusively; forward
+    passes share it. Waiting tracers keep new forward passes out, so a trace is not starved.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._tracing = False
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._tracing)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if self._running == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def trace(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._tracing)
+            self._tracing = True
+            self._cond.wait_for(lambda: self._running == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+FX_GUARD = _TraceGuard()
+
+
 def _training_submodules(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, module in model.named_modules() if module.training]
 
@@ -130,9 +176,10 @@ class TorchBackbone:
         self._lock = threading.Lock()
 
     def _check_nodes(self) -> None:
-        _train_nodes, eval_nodes = get_graph_node_names(
-            self.model, tracer_kwargs={"leaf_modules": self._leaf_modules}
-        )
+        with FX_GUARD.trace():
+            _train_nodes, eval_nodes = get_graph_node_names(
+                self.model, tracer_kwargs={"leaf_modules": self._leaf_modules}
+            )
         # As in create_feature_extractor, a module name stands for the last node inside it.
         missing = sorted(
             node
@@ -149,11 +196,12 @@ class TorchBackbone:
         with self._lock:
             extractor = self._extractors.get(layers)
             if extractor is None:
-                extractor = create_feature_extractor(
-                    self.model,
-                    return_nodes={self._nodes[name]: name for name in layers},
-                    tracer_kwargs={"leaf_modules": self._leaf_modules},
-                )
+                with FX_GUARD.trace():
+                    extractor = create_feature_extractor(
+                        self.model,
+                        return_nodes={self._nodes[name]: name for name in layers},
+                        tracer_kwargs={"leaf_modules": self._leaf_modules},
+                    )
                 extractor.eval()  # a fresh extractor starts in training mode
                 _disable_inplace_graph(extractor)
                 training = _training_submodules(extractor)
@@ -166,8 +214,8 @@ class TorchBackbone:
 
     def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         key = tuple(sorted(set(layers)))
-        extractor = self._extractor(key)
-        with torch.inference_mode():
+        extractor = self._extractor(key)  # may trace: before taking the forward guard
+        with FX_GUARD.forward(), torch.inference_mode():
             x = torch.from_numpy(batch)
             if self.device.startswith("cuda"):
                 x = x.pin_memory().to(self.device, non_blocking=True)
@@ -211,4 +259,5 @@ class TorchBackbone:
 
 def torch_graph_nodes(model: nn.Module, leaf_modules: list[type[nn.Module]]) -> list[str]:
     """Eval-mode node names, for catalogue generation."""
-    return list(get_graph_node_names(model, tracer_kwargs={"leaf_modules": leaf_modules})[1])
+    with FX_GUARD.trace():
+        return list(get_graph_node_names(model, tracer_kwargs={"leaf_modules": leaf_modules})[1])
