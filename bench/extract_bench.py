@@ -33,9 +33,13 @@ MODEL = "efficientnet_lite0"
 def in_process(
     images: Sequence[bytes], batch_sizes: Sequence[int], seconds: float
 ) -> dict[str, Any]:
-    """Throughput of decode+preprocess+infer+pool per batch size, and single-image latency."""
+    """The strongest single-pipeline baseline: decode + preprocess + infer + pool, one batch at a
+    time, with the best of every batch size and of 1 or all cores of intra-op threads; and its
+    single-image latency (with its best thread count)."""
+    import torch
+
     from embedwarden.server import build_registry
-    from embedwarden.server._frameworks import configure_process
+    from embedwarden.server._frameworks import available_cores, configure_process
     from embedwarden.server._postprocess import Pooling, finish
     from embedwarden.server._preprocess import Preprocessor
     from embedwarden.server._weights import read_verified
@@ -52,50 +56,65 @@ def in_process(
         out = backbone.infer(tensors, ["features"])["features"]
         return [finish(o, layer, Pooling.AVG, False, "float32") for o in out]
 
-    run(images[:4])  # warm-up
     throughput: dict[str, float] = {}
-    for bs in batch_sizes:
-        done, i = 0, 0
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            run([images[(i + k) % len(images)] for k in range(bs)])
-            done += bs
-            i += bs
-        throughput[str(bs)] = done / (time.perf_counter() - started)
+    for threads in sorted({1, available_cores()}):
+        torch.set_num_threads(threads)
+        run(images[:4])  # warm-up
+        for bs in batch_sizes:
+            done, i = 0, 0
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                run([images[(i + k) % len(images)] for k in range(bs)])
+                done += bs
+                i += bs
+            throughput[f"threads={threads},batch={bs}"] = done / (time.perf_counter() - started)
+    best = max(throughput, key=lambda k: throughput[k])
+    torch.set_num_threads(int(best.split(",")[0].split("=")[1]))
     latencies = []
     for i in range(40):
         t0 = time.perf_counter()
         run([images[i % len(images)]])
         latencies.append(time.perf_counter() - t0)
-    best = max(throughput, key=lambda k: throughput[k])
     backbone.close()
     return {
-        "throughput_by_batch": throughput,
-        "best_batch": int(best),
+        "throughput": throughput,
+        "best": best,
         "best_throughput": throughput[best],
         "latency": percentiles(latencies),
     }
 
 
+class DistinctInputs:
+    """Hands out JPEGs that are all different as bytes (a unique tail after the JPEG's end
+    marker, which decoders ignore), so every request is a true cache miss, hashed and stored."""
+
+    def __init__(self, images: Sequence[bytes]) -> None:
+        self.images = images
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def take(self, count: int) -> list[bytes]:
+        with self.lock:
+            start = self.counter
+            self.counter += count
+        return [
+            self.images[(start + k) % len(self.images)] + (start + k).to_bytes(8, "little")
+            for k in range(count)
+        ]
+
+
 def server_throughput(
-    address: str, images: Sequence[bytes], clients: int, seconds: float, per_request: int = 1
+    address: str, inputs: DistinctInputs, clients: int, seconds: float, per_request: int
 ) -> float:
-    """Images/s with `clients` threads each sending `per_request` distinct images per call."""
+    """Images/s with `clients` threads each sending `per_request` new images per call."""
     counter = [0]
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
-    cursor = [0]
-
-    def next_batch() -> list[bytes]:
-        with lock:
-            start = cursor[0]
-            cursor[0] += per_request
-        return [images[(start + k) % len(images)] for k in range(per_request)]
 
     def worker() -> None:
         with Client(address, timeout=120) as c:
             while time.perf_counter() < stop:
-                c.extract(next_batch(), MODEL, layers="features", pooling="avg", cache="off")
+                c.extract(inputs.take(per_request), MODEL, layers="features", pooling="avg")
                 with lock:
                     counter[0] += per_request
 
@@ -108,55 +127,71 @@ def server_throughput(
     return counter[0] / (time.perf_counter() - started)
 
 
-def server_latency(address: str, images: Sequence[bytes], count: int) -> dict[str, float]:
+def server_latency(address: str, inputs: DistinctInputs, count: int) -> dict[str, float]:
+    """One client, one new image per request, one request at a time."""
     with Client(address) as c:
-        c.extract(images[:1], MODEL, cache="off")
+        c.extract(inputs.take(1), MODEL)
         samples = []
-        for i in range(count):
+        for _ in range(count):
+            image = inputs.take(1)
             t0 = time.perf_counter()
-            c.extract(
-                [images[i % len(images)]], MODEL, layers="features", pooling="avg", cache="off"
-            )
+            c.extract(image, MODEL, layers="features", pooling="avg")
             samples.append(time.perf_counter() - t0)
     return percentiles(samples)
 
 
-def stream_vs_unary(address: str, images: Sequence[bytes], chunk: int) -> dict[str, float]:
+def stream_vs_unary(
+    address: str, inputs: DistinctInputs, count: int, chunk: int
+) -> dict[str, float]:
+    """Bulk job over one ExtractStream beside the same chunks as sequential unary calls."""
     with Client(address, timeout=600) as c:
         t0 = time.perf_counter()
-        n = sum(
-            len(e.array) for e in c.extract_stream(images, MODEL, batch_size=chunk, cache="off")
-        )
+        n = sum(len(e.array) for e in c.extract_stream(inputs.take(count), MODEL, batch_size=chunk))
         stream = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for i in range(0, len(images), chunk):
-            c.extract(images[i : i + chunk], MODEL, cache="off")
-        unary = len(images) / (time.perf_counter() - t0)
+        for _ in range(0, count, chunk):
+            c.extract(inputs.take(chunk), MODEL)
+        unary = count / (time.perf_counter() - t0)
     return {"stream_images_per_s": stream, "unary_images_per_s": unary, "ratio": stream / unary}
 
 
+CLIENTS = (1, 8, 32)
+
+
 def run(data_dir: Path, seconds: float = 10.0, quick: bool = False) -> dict[str, Any]:
-    images = photo_jpegs(64 if quick else 256)
-    baseline = in_process(images, (1, 2, 4, 8, 16), seconds / 2)
-    server = ServerProcess(data_dir, "--cache", "false").start()
+    """Every figure beside its baseline from this same run."""
+    images = photo_jpegs(64 if quick else 128)
+    inputs = DistinctInputs(images)
+    baseline = in_process(images, (1, 2, 4, 8), seconds / 3)
+    best = baseline["best_throughput"]
+    out: dict[str, Any] = {"machine": machine(), "in_process": baseline}
+    server = ServerProcess(data_dir / "default").start()
     try:
-        by_clients = {
-            str(n): server_throughput(server.address, images, n, seconds) for n in (1, 8, 32)
-        }
-        latency = server_latency(server.address, images, 40 if quick else 100)
-        stream = stream_vs_unary(server.address, images[: 64 if quick else 128], 16)
+        for per_request in (8, 1):
+            by_clients = {
+                str(n): server_throughput(server.address, inputs, n, seconds, per_request)
+                for n in CLIENTS
+            }
+            out[f"throughput_{per_request}_per_request"] = by_clients
+            out[f"ratio_{per_request}_per_request"] = {k: v / best for k, v in by_clients.items()}
+        latency = server_latency(server.address, inputs, 40 if quick else 100)
+        out["latency"] = latency
+        out["stream"] = stream_vs_unary(server.address, inputs, 64 if quick else 256, 16)
     finally:
         server.stop()
-    best = baseline["best_throughput"]
-    return {
-        "machine": machine(),
-        "in_process": baseline,
-        "server_throughput_by_clients": by_clients,
-        "throughput_ratio_by_clients": {k: v / best for k, v in by_clients.items()},
-        "server_latency": latency,
-        "latency_overhead_p50_ms": (latency["p50"] - baseline["latency"]["p50"]) * 1000,
-        "stream": stream,
-    }
+    # The same single-image latency from a server tuned for it: one lane, all cores per pass.
+    cores = str(machine()["cores"])
+    tuned = ServerProcess(
+        data_dir / "latency", "--inference-lanes", "1", "--torch-threads", cores
+    ).start()
+    try:
+        out["latency_tuned"] = server_latency(tuned.address, inputs, 40 if quick else 100)
+    finally:
+        tuned.stop()
+    in_lat = baseline["latency"]["p50"]
+    out["latency_overhead_p50_ms"] = (latency["p50"] - in_lat) * 1000
+    out["latency_tuned_overhead_p50_ms"] = (out["latency_tuned"]["p50"] - in_lat) * 1000
+    return out
 
 
 def main() -> None:
@@ -164,8 +199,13 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("bench/results/extract-data"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
-    print(json.dumps(run(args.data_dir, args.seconds, args.quick), indent=2))
+    results = run(args.data_dir, args.seconds, args.quick)
+    text = json.dumps(results, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

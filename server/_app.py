@@ -36,7 +36,7 @@ from ._cache import LmdbCache, open_cache
 from ._consistency import ConsistencyMonitor
 from ._errors import Overloaded
 from ._extraction import ExtractionService
-from ._frameworks import available_cores, configure_process, resolve_device
+from ._frameworks import available_cores, configure_process, plan_threads, resolve_device
 from ._index import IndexManager
 from ._index_servicer import IndexServicer
 from ._manifest import Manifest
@@ -65,12 +65,13 @@ class Application:
     """All components of one server, built from Settings."""
 
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
-        self.settings = settings
         self.registry = registry or build_registry(settings.models_dirs)
+        self.device = resolve_device(settings.device)
+        settings = plan_threads(settings, self.device)
+        self.settings = settings
         configure_process(
             deterministic=settings.deterministic, torch_threads=settings.torch_threads
         )
-        self.device = resolve_device(settings.device)
         self.models = ModelManager(self.registry, settings, self.device)
         workers = settings.decode_workers or available_cores()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
@@ -227,12 +228,16 @@ class Application:
                 self.settings.metrics_host, self.settings.metrics_port
             )
         log.info(
-            "listening on %s:%d (metrics on %s:%d), device %s",
+            "listening on %s:%d (metrics on %s:%d), device %s, %d inference lanes x %d "
+            "threads, batches up to %d",
             self.settings.host,
             self.port,
             self.settings.metrics_host,
             self.metrics_port,
             self.device,
+            self.settings.inference_lanes,
+            self.settings.torch_threads,
+            self.settings.max_batch_size,
         )
         threading.Thread(target=self._load_startup_models, name="startup-load", daemon=True).start()
         return self.port

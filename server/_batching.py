@@ -1,10 +1,13 @@
-"""Dynamic batching: coalesce concurrent inputs of one model into batches on one worker thread.
+"""Dynamic batching: coalesce concurrent inputs of one model into batches, run by one or more
+worker threads ("inference lanes").
 
-Items wait at most `max_queue_delay_s` after the oldest one arrived, or until `max_batch_size`
-items are queued. Items may ask for different layers: the batch runs once with the union and each
-item keeps its own. The queue is bounded: a full queue refuses new items at once with `Overloaded`
-(RESOURCE_EXHAUSTED) instead of growing memory. A cancelled item (deadline, client gone) that has
-not started is dropped without running.
+A batch waits for more items only while admitted inputs are still being decoded (they are known
+to be on their way), at most `max_queue_delay_s` after the oldest item arrived, and never beyond
+`max_batch_size` items: a lone request runs at once instead of paying the delay. Items may ask
+for different layers: the batch runs once with the union and each item keeps its own. The queue
+is bounded: admission (`reserve`) refuses inputs at once with `Overloaded` (RESOURCE_EXHAUSTED)
+instead of growing memory. A cancelled item (deadline, client gone) that has not started is
+dropped without running.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class DynamicBatcher:
         max_queue_items: int,
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -68,8 +72,15 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._reserved = 0  # admitted inputs: decoding, queued or running
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._running = 0  # inputs in batches being run
+        # Several workers ("inference lanes") run batches side by side: on few CPU cores one
+        # single-threaded forward pass per core beats one multi-threaded pass (see _frameworks).
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -110,13 +121,15 @@ class DynamicBatcher:
         finally:
             with self._cond:
                 self._reserved -= count
+                self._cond.notify_all()  # fewer inputs on their way: a waiting batch may go
 
     def close(self, timeout: float | None = None) -> None:
         """Stops accepting; items already queued still run. Waits for the worker to finish."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -126,12 +139,14 @@ class DynamicBatcher:
                 return None  # closed and drained
             deadline = self._queue[0].enqueued + self.max_queue_delay_s
             while len(self._queue) < self.max_batch_size and not self._closed:
+                on_the_way = self._reserved - len(self._queue) - self._running
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if on_the_way <= 0 or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             count = min(self.max_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(count)]
+            self._running += count
             depth = len(self._queue)
         if self._on_depth:
             self._on_depth(depth)
@@ -142,6 +157,8 @@ class DynamicBatcher:
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
             if live:
                 self._run(live)
+            with self._cond:
+                self._running -= len(batch)
 
     def _run(self, items: list[_Item]) -> None:
         started = time.perf_counter()

@@ -137,6 +137,10 @@ class ConsistencyMonitor:
         self._audits: deque[tuple[LoadedModel, list[CacheHit], int]] = deque()
         self._audit_bytes = 0
         self._random = random.Random()
+        # Token bucket: the audit may recompute at most cache_audit_max_per_s inputs per second,
+        # so that a heavy cache-hit load cannot turn the audit into the main consumer of CPU.
+        self._audit_tokens = max(1.0, settings.cache_audit_max_per_s)
+        self._audit_refilled = time.monotonic()
         self._flags_baseline = process_flags()
         self._flags_last = dict(self._flags_baseline)
         METRICS.set_flags(self._flags_baseline)
@@ -208,7 +212,19 @@ class ConsistencyMonitor:
         chosen = hits if fraction >= 1 else [h for h in hits if self._random.random() < fraction]
         if not chosen:
             return
-        size = sum(_input_bytes(s) for s in {id(h.source): h.source for h in chosen}.values())
+        sources = {id(h.source): h.source for h in chosen}
+        allowed = self._take_audit_tokens(len(sources))
+        if allowed < len(sources):
+            kept = set(list(sources)[:allowed])
+            skipped = [h for h in chosen if id(h.source) not in kept]
+            METRICS.cache_audit_skipped.labels(model.identity.name, model.identity.version).inc(
+                len(skipped)
+            )
+            chosen = [h for h in chosen if id(h.source) in kept]
+            sources = {k: v for k, v in sources.items() if k in kept}
+            if not chosen:
+                return
+        size = sum(_input_bytes(s) for s in sources.values())
         with self._lock:
             if self._audit_bytes + size > AUDIT_QUEUE_BYTES:
                 log.debug(
@@ -220,6 +236,20 @@ class ConsistencyMonitor:
             self._audit_bytes += size
             self._audits.append((model, chosen, size))
         self._worker.submit("audit", self._run_audits)
+
+    def _take_audit_tokens(self, wanted: int) -> int:
+        """How many of `wanted` recomputations the budget allows now (taken from it)."""
+        rate = self.settings.cache_audit_max_per_s
+        with self._lock:
+            now = time.monotonic()
+            capacity = max(1.0, rate)
+            self._audit_tokens = min(
+                capacity, self._audit_tokens + (now - self._audit_refilled) * rate
+            )
+            self._audit_refilled = now
+            granted = min(wanted, int(self._audit_tokens))
+            self._audit_tokens -= granted
+            return granted
 
     # --- on demand ---------------------------------------------------------------------
 

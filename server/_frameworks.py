@@ -15,7 +15,10 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import replace
 from types import ModuleType
+
+from ._settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,24 @@ def resolve_device(device: str) -> str:
 
         raise InvalidInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def plan_threads(settings: Settings, device: str) -> Settings:
+    """Settings with the machine-dependent defaults (zeros) filled in.
+
+    On CPU, EfficientNet-Lite0 on 2 cores runs 58-70 images/s as two single-threaded forward
+    passes side by side, against 20-34 images/s as one pass with 2 intra-op threads: its many
+    small (depthwise) convolutions spend more time in OpenMP barriers than in arithmetic. So
+    the default is one lane per core (up to 4) and cores/lanes threads each; small batches (4)
+    because larger ones only cost latency on CPU. On a GPU one lane feeds the device, with
+    batches up to 32.
+    """
+    cores = available_cores()
+    on_cpu = device == "cpu"
+    lanes = settings.inference_lanes or (min(cores, 4) if on_cpu else 1)
+    threads = settings.torch_threads or (max(1, cores // lanes) if on_cpu else cores)
+    batch = settings.max_batch_size or (4 if on_cpu else 32)
+    return replace(settings, inference_lanes=lanes, torch_threads=threads, max_batch_size=batch)
 
 
 def configure_process(*, deterministic: bool, torch_threads: int) -> None:

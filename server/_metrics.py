@@ -178,6 +178,13 @@ class Metrics:
             ["model", "version", "result"],
             registry=r,
         )
+        self.cache_audit_skipped = Counter(
+            f"{PREFIX}_cache_audit_skipped_total",
+            "Sampled cache hits not audited because the audit's CPU budget "
+            "(--cache-audit-max-per-s) was spent.",
+            ["model", "version"],
+            registry=r,
+        )
         self.process_flags = Info(
             f"{PREFIX}_process_flags",
             "Process-wide numeric flags and library versions that can change model outputs.",

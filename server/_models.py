@@ -224,6 +224,7 @@ class ModelManager:
                 max_batch_size=self.settings.max_batch_size,
                 max_queue_delay_s=self.settings.max_queue_delay_ms / 1000.0,
                 max_queue_items=self.settings.max_queue_items,
+                workers=self.settings.inference_lanes,
                 on_batch=lambda n, _s: METRICS.batch_size.labels(
                     manifest.name, manifest.version
                 ).observe(n),

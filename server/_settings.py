@@ -36,9 +36,11 @@ class Settings:
     models_dirs: tuple[Path, ...] = ()  # extra manifest folders beside the built-ins
     weights_dirs: tuple[Path, ...] = ()  # extra folders searched for weights files
     deterministic: bool = True
-    torch_threads: int = 0  # 0: one per available core
-    decode_workers: int = 0  # 0: one per available core
-    max_batch_size: int = 32
+    # 0 means "pick for this machine and device" (see _frameworks.plan_threads).
+    inference_lanes: int = 0  # batches run side by side per model
+    torch_threads: int = 0  # intra-op threads per forward pass
+    decode_workers: int = 0  # decode/preprocess threads (0: one per available core)
+    max_batch_size: int = 0
     max_queue_delay_ms: float = 2.0
     max_queue_items: int = 1024  # inputs waiting for inference, per model
     max_inputs_per_request: int = 256
@@ -49,6 +51,7 @@ class Settings:
     cache_enabled: bool = True
     cache_max_bytes: int = 4 * 1024**3
     cache_audit_fraction: float = 0.01
+    cache_audit_max_per_s: float = 2.0  # recomputations per second at most (a budget, not a goal)
     index_snapshot_interval_s: float = 60.0  # snapshot a changed collection at most this often
     check_interval_s: float = 300.0
     consistency_warn_only: bool = False
@@ -137,9 +140,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra folder searched for weights files (repeatable)",
     )
     a("--deterministic", type=_parse_bool, help="deterministic numerics (default true)")
-    a("--torch-threads", type=int, help="intra-op threads (default: available cores)")
+    a(
+        "--inference-lanes",
+        type=int,
+        help="batches run side by side per model (default: cores up to 4 on CPU, 1 on GPU)",
+    )
+    a(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads per forward pass (default: cores / lanes on CPU)",
+    )
     a("--decode-workers", type=int, help="decode/preprocess threads (default: available cores)")
-    a("--max-batch-size", type=int, help="dynamic batching: largest batch (default 32)")
+    a(
+        "--max-batch-size",
+        type=int,
+        help="dynamic batching: largest batch (default 4 on CPU, 32 on GPU)",
+    )
     a("--max-queue-delay-ms", type=float, help="dynamic batching: longest wait (default 2)")
     a("--max-queue-items", type=int, help="inputs waiting per model before RESOURCE_EXHAUSTED")
     a("--max-inputs-per-request", type=int, help="inputs per Extract request (default 256)")
@@ -150,6 +166,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache", dest="cache_enabled", type=_parse_bool, help="enable the LMDB cache")
     a("--cache-max-bytes", type=int, help="cache size bound in bytes (default 4 GiB)")
     a("--cache-audit-fraction", type=float, help="fraction of cache hits recomputed")
+    a(
+        "--cache-audit-max-per-s",
+        type=float,
+        help="at most this many audit recomputations per second (default 2)",
+    )
     a(
         "--index-snapshot-interval-s",
         type=float,

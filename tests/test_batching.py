@@ -130,3 +130,50 @@ def test_close_finishes_queued_items_then_refuses():
     assert all(f.done() and not f.cancelled() for f in futures)
     with pytest.raises(Unavailable):
         batcher.submit(np.zeros(1, np.float32), ["a"])
+
+
+def test_a_lone_item_runs_at_once_instead_of_paying_the_delay():
+    run = Recorder()
+    batcher = DynamicBatcher("m", run, max_batch_size=8, max_queue_delay_s=5.0, max_queue_items=10)
+    started = time.perf_counter()
+    batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
+    waited = time.perf_counter() - started
+    batcher.close()
+    assert waited < 2.5, f"a lone item waited {waited:.2f}s for company that was not coming"
+
+
+def test_a_batch_waits_for_admitted_inputs_still_decoding():
+    run = Recorder()
+    batcher = DynamicBatcher("m", run, max_batch_size=8, max_queue_delay_s=5.0, max_queue_items=10)
+    with batcher.reserve(3):  # three inputs admitted; they "decode" one after another
+        futures = []
+        for i in range(3):
+            futures.append(batcher.submit(np.full(1, i, np.float32), ["a"]))
+            time.sleep(0.05)
+        for f in futures:
+            f.result(5)
+    batcher.close()
+    assert [n for n, _ in run.batches] == [3]
+
+
+def test_lanes_run_batches_side_by_side():
+    inside = []
+    both = threading.Event()
+    lock = threading.Lock()
+
+    def slow(batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        with lock:
+            inside.append(1)
+            if len(inside) == 2:
+                both.set()
+        both.wait(2)  # only returns early if a second lane is inside at the same time
+        return {layer: batch for layer in layers}
+
+    batcher = DynamicBatcher(
+        "m", slow, max_batch_size=1, max_queue_delay_s=0, max_queue_items=10, workers=2
+    )
+    futures = [batcher.submit(np.zeros(1, np.float32), ["a"]) for _ in range(2)]
+    for f in futures:
+        f.result(5)
+    batcher.close()
+    assert both.is_set(), "the two batches did not run at the same time"

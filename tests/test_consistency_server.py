@@ -98,6 +98,7 @@ def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThr
         models=("lite_fault", "lite_b"),
         models_dirs=(models,),
         cache_audit_fraction=1.0,
+        cache_audit_max_per_s=1000.0,
         max_batch_size=4,
     )
     thread = ServerThread(settings)
@@ -320,3 +321,29 @@ def test_preprocessing_changed_without_a_version_bump_keeps_the_model_not_servin
         assert passed("lite_pp", "restart") == 0.0 and passed("lite_pp", "preprocess") == 0.0
     finally:
         third.stop()
+
+
+def test_the_cache_audit_stays_within_its_cpu_budget(tmp_path):
+    """A burst of cache hits with every hit sampled: at most the budget is recomputed."""
+    from helpers import encode
+
+    thread = ServerThread(
+        make_settings(tmp_path, cache_audit_fraction=1.0, cache_audit_max_per_s=1.0)
+    )
+    thread.start()
+    try:
+        labels = {"model": "efficientnet_lite0", "version": "1"}
+        rng = np.random.default_rng(11)
+        images = [encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
+        skipped_before = METRICS.sample("embedwarden_cache_audit_skipped_total", labels) or 0.0
+        with Client(thread.address) as client:
+            client.extract(images, "efficientnet_lite0")  # misses: computed and stored
+            thread.app.cache.flush()
+            hits = client.extract(images, "efficientnet_lite0")
+        assert hits.cached["features"].all()
+        skipped = (METRICS.sample("embedwarden_cache_audit_skipped_total", labels) or 0) - (
+            skipped_before
+        )
+        assert skipped >= 6, skipped  # 8 sampled, a budget of about one
+    finally:
+        thread.stop()
