@@ -5,18 +5,16 @@ from __future__ import annotations
 import io
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embedwarden.client import Client
+from embedwarden.server.testing import ServerProcess
+
+__all__ = ["ServerProcess", "machine", "percentiles", "photo_jpegs"]
 
 
 def machine() -> dict[str, Any]:
@@ -73,79 +71,6 @@ def photo_jpegs(
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """An Embedwarden server in its own process (so the benchmark's client doesn't share a GIL)."""
-
-    def __init__(self, data_dir: Path, *args: str) -> None:
-        self.data_dir = data_dir
-        self.args = args
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.serving_after = 0.0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 300.0) -> ServerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.data_dir / "server.log").open("ab")
-        cmd = [
-            sys.executable,
-            "-m",
-            "embedwarden.server",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            "-1",
-            "--data-dir",
-            str(self.data_dir),
-            *self.args,
-        ]
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )
-        with Client(self.address, timeout=5) as client:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except Exception:
-                    pass
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("server did not become SERVING; see server.log")
-                time.sleep(0.02)
-        self.serving_after = time.perf_counter() - self.started_at
-        return self
-
-    def rss_bytes(self) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float]:

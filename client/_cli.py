@@ -10,18 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from . import _cli_cache, _cli_check, _cli_index, _cli_parity
 from ._client import POOLINGS, Client, default_address
 from ._exceptions import EmbedwardenError
+from ._format import Progress, message_dict, print_json, print_table
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -42,49 +40,6 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{raw}: no such file or folder")
     return out
-
-
-class Progress:
-    """A one-line progress bar on stderr (silent for short jobs)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
-        self.total = total
-        self.label = label
-        self.done = 0
-        self.started = time.monotonic()
-        self.enabled = enabled
-        self._last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or self.done >= self.total):
-            self._last = now
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            rate = self.done / max(now - self.started, 1e-9)
-            sys.stderr.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{self.done}/{self.total} {rate:.1f}/s"
-            )
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def message_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
-def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 # --- commands --------------------------------------------------------------------------------

@@ -11,28 +11,16 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import json_format
+from ._format import human_bytes, message_dict, print_json
 
 if TYPE_CHECKING:
     from ._client import Client
 
 
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def cmd_stats(args: argparse.Namespace, client: Client) -> int:
     stats = client.cache_stats()
     if args.json:
-        data = json_format.MessageToDict(
-            stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print_json(message_dict(stats))
         return 0
     if not stats.enabled:
         print("the cache is disabled on this server (--cache false)")
@@ -41,7 +29,7 @@ def cmd_stats(args: argparse.Namespace, client: Client) -> int:
     rate = f" ({100 * stats.hits / lookups:.1f}% hits)" if lookups else ""
     print(f"path         {stats.path}")
     print(f"entries      {stats.entries}")
-    print(f"used         {_human(stats.used_bytes)} of {_human(stats.max_bytes)}")
+    print(f"used         {human_bytes(stats.used_bytes)} of {human_bytes(stats.max_bytes)}")
     print(f"lookups      {stats.hits} hits, {stats.misses} misses, {stats.corrupt} corrupt{rate}")
     print(f"evictions    {stats.evictions}")
     print(f"queued       {stats.pending_writes} writes")

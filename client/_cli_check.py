@@ -7,14 +7,13 @@ shows every layer. Exit code 1 when any check failed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from typing import TYPE_CHECKING
 
-from google.protobuf import json_format
-
 from embedwarden.v1 import admin_pb2
+
+from ._format import message_dict, print_json
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -91,10 +90,7 @@ def render(response: admin_pb2.CheckConsistencyResponse, layers: bool) -> list[s
 def cmd_check(args: argparse.Namespace, client: Client) -> int:
     response = client.check_consistency(args.model)
     if args.json:
-        data = json_format.MessageToDict(
-            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print_json(message_dict(response))
     else:
         print("\n".join(render(response, args.layers)))
     return 0 if response.passed else 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._api_index import KINDS, METRICS, CollectionInfo
+from ._format import Progress, human_bytes, print_json, print_table
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -33,20 +34,12 @@ PARAM_FLAGS = {
 }
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def _print_info(info: CollectionInfo) -> None:
     m = info.model
     params = ", ".join(f"{k}={v}" for k, v in info.params.items() if v) or "-"
     created = datetime.fromtimestamp(info.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    print(f"{info.name}: {info.size} vectors of {info.dimension} dims, {_size(info.index_bytes)}")
+    size = human_bytes(info.index_bytes)
+    print(f"{info.name}: {info.size} vectors of {info.dimension} dims, {size}")
     print(f"  model        {m.name}@{m.version}  fingerprint {m.fingerprint}")
     print(f"  layer        {info.layer}  pooling {info.pooling}  metric {info.metric}")
     trained = "" if info.trained else "  (untrained: exact search until train_min_vectors)"
@@ -55,7 +48,6 @@ def _print_info(info: CollectionInfo) -> None:
 
 
 def cmd_create(args: argparse.Namespace, client: Client) -> int:
-    from ._cli import print_json
 
     params = {field: getattr(args, flag) for flag, field in PARAM_FLAGS.items()}
     info = client.create_collection(
@@ -87,7 +79,7 @@ def _ids_for(files: Sequence[Path], mode: str) -> list[str]:
 
 
 def cmd_add(args: argparse.Namespace, client: Client) -> int:
-    from ._cli import Progress, collect_images
+    from ._cli import collect_images
 
     files = collect_images(args.inputs)
     if not files:
@@ -117,7 +109,6 @@ def cmd_add(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_search(args: argparse.Namespace, client: Client) -> int:
-    from ._cli import print_json, print_table
 
     if args.by_id:
         results = client.search(
@@ -149,7 +140,6 @@ def cmd_search(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_list(args: argparse.Namespace, client: Client) -> int:
-    from ._cli import print_json, print_table
 
     infos = client.list_collections()
     if args.json:
@@ -163,7 +153,7 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
             i.layer,
             i.metric,
             i.kind + ("" if i.trained else " (untrained)"),
-            _size(i.index_bytes),
+            human_bytes(i.index_bytes),
             i.model.fingerprint[:16],
         )
         for i in infos
@@ -173,8 +163,6 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_describe(args: argparse.Namespace, client: Client) -> int:
-    from ._cli import print_json
-
     info = client.describe_collection(args.name)
     if args.json:
         print_json(info.as_dict())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from embedwarden.server import Settings
+from embedwarden.server.testing import ServerProcess, free_port
+
+__all__ = ["ServerProcess", "free_port"]  # re-exported for the test modules
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -76,80 +78,3 @@ def seeded_keras_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(str(path))
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """`python -m embedwarden.server` as a real subprocess (for kill -9, SIGTERM, RSS)."""
-
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.args = args
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data_dir / "server.log"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, wait: float = 180.0) -> ServerProcess:
-        import os
-        import sys
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "embedwarden.server",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            "-1",
-            "--data-dir",
-            str(self.data_dir),
-            *self.args,
-        ]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            )
-        from embedwarden.client import Client
-
-        with Client(self.address, timeout=10) as client:
-            try:
-                client.wait_until_serving(wait)
-            except TimeoutError:
-                self.kill()
-                raise AssertionError(
-                    f"server did not serve:\n{self.log.read_text()[-3000:]}"
-                ) from None
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup of any kind runs."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        self.proc.terminate()
-        return self.proc.wait(timeout)
-
-    def peak_rss_bytes(self) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")

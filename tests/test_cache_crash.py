@@ -9,10 +9,6 @@ bytes a response returned. A graceful shutdown (SIGTERM) commits every queued en
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,77 +24,12 @@ from embedwarden.server._cache_db import CacheDB, VerifyReport
 from embedwarden.server._cache_format import KeyMaker, decode_entry
 from embedwarden.server._extraction import input_digest
 from embedwarden.server._preprocess import RawImage
+from embedwarden.server.testing import ServerProcess
 
 pytestmark = pytest.mark.slow  # three server processes; they still run in CI
 
 MODEL = "efficientnet_lite0"
 LAYERS = ["features", "logits"]  # pooling "none": 250 KB per item, heavy write bursts
-
-
-class Server:
-    """One server process on port 0; the bound port comes back through --port-file."""
-
-    def __init__(self, data_dir: Path, name: str) -> None:
-        self.data_dir = data_dir
-        self.port_file = data_dir.parent / f"{name}.port"
-        self.log = data_dir.parent / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.address = ""
-
-    def launch(self) -> Server:
-        self.port_file.unlink(missing_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "embedwarden.server",
-                    "--port",
-                    "0",
-                    "--port-file",
-                    str(self.port_file),
-                    "--metrics-port",
-                    "-1",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--cache-audit-fraction",
-                    "0",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            )
-        return self
-
-    def wait(self, timeout: float = 240.0) -> Server:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
-        with Client(self.address, timeout=10) as client:
-            client.wait_until_serving(max(1.0, deadline - time.monotonic()))
-        return self
-
-    def start(self) -> Server:
-        return self.launch().wait()
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(30) == -signal.SIGKILL
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.terminate()
-        return self.proc.wait(120)
-
-    def stop_quietly(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 def images(n: int, seed: int) -> list[np.ndarray]:
@@ -178,7 +109,7 @@ def stored(cache_dir: Path, fingerprint: str, inputs: list[np.ndarray]) -> list[
 class Crashed:
     data: Path
     report: VerifyReport
-    server: Server
+    server: ServerProcess
     inputs: list[np.ndarray]
     acked: dict[int, dict[str, bytes]]
 
@@ -187,8 +118,8 @@ class Crashed:
 def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crashed]:
     """A server killed with SIGKILL in the middle of a burst of misses, then restarted."""
     data = tmp_path_factory.mktemp("crash") / "data"
-    first = Server(data, "first")
-    second = Server(data, "second")
+    first = ServerProcess(data, "--cache-audit-fraction", "0", name="first")
+    second = ServerProcess(data, "--cache-audit-fraction", "0", name="second")
     try:
         first.start()
         inputs = images(400, seed=1)
@@ -202,7 +133,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crashed]:
             while len(acked) < 8 or client.cache_stats().entries < 12:
                 assert time.monotonic() < deadline, "the burst made no progress"
                 time.sleep(0.02)
-        first.kill9()  # requests in flight, writes queued, a group commit likely running
+        first.kill()  # requests in flight, writes queued, a group commit likely running
         stop.set()
         for t in threads:
             t.join(60)
@@ -210,8 +141,8 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crashed]:
         second.start()
         yield Crashed(data, report, second, inputs, dict(acked))
     finally:
-        first.stop_quietly()
-        second.stop_quietly()
+        first.kill()
+        second.kill()
 
 
 def test_kill_9_during_a_burst_of_misses_then_restart(crashed):
@@ -228,7 +159,8 @@ def test_kill_9_during_a_burst_of_misses_then_restart(crashed):
 
 def test_two_servers_share_one_directory_and_sigterm_commits_every_acknowledged_entry(crashed):
     second = crashed.server
-    third = Server(crashed.data, "third").start()  # beside the running one, same data dir
+    # Beside the running one, on the same data directory.
+    third = ServerProcess(crashed.data, "--cache-audit-fraction", "0", name="third").start()
     try:
         new = images(3, seed=3)
         with Client(second.address) as c2, Client(third.address) as c3:
@@ -271,4 +203,4 @@ def test_two_servers_share_one_directory_and_sigterm_commits_every_acknowledged_
         assert on_disk == [done[i] for i in range(len(last))]
         assert verify_cache(crashed.data / "cache").passed
     finally:
-        third.stop_quietly()
+        third.kill()
