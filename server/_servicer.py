@@ -141,7 +141,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         return admin_pb2.UnloadModelResponse(model=convert.identity(identity))
 
-    # Filled in by the cache and consistency modules (issues 3 and 5).
     @rpc_method("GetCacheStats")
     async def GetCacheStats(
         self, request: admin_pb2.GetCacheStatsRequest, context: grpc.aio.ServicerContext
@@ -188,13 +187,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         a = self.app.models.get(*convert.model_ref(request.model_a, what="model_a"))
         b = self.app.models.get(*convert.model_ref(request.model_b, what="model_b"))
         settings = self.app.settings
-        report = await asyncio.to_thread(
-            parity.compare_models,
-            a,
-            b,
-            convert.image_sources(request.inputs),
-            tuple(request.layers),
-            max_pixels=settings.max_image_pixels,
-            max_inputs=settings.max_inputs_per_request,
-        )
-        return convert.parity_response(report)
+        sources = convert.image_sources(request.inputs)
+
+        def compare() -> parity.ParityReport:
+            with a.use(), b.use():  # an unload waits for the comparison to finish
+                return parity.compare_models(
+                    a,
+                    b,
+                    sources,
+                    tuple(request.layers),
+                    max_pixels=settings.max_image_pixels,
+                    max_inputs=settings.max_inputs_per_request,
+                )
+
+        return convert.parity_response(await asyncio.to_thread(compare))

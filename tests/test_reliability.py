@@ -69,6 +69,11 @@ def test_overload_sheds_excess_quickly_and_recovers(tmp_path):
         assert ok and shed, (len(ok), len(shed))
         assert statistics.median(shed) < statistics.median(ok)  # refused before the work
         growth = server.peak_rss_bytes() - baseline_rss
+        print(
+            f"\noverload: {len(ok)} admitted (median {statistics.median(ok) * 1e3:.0f} ms), "
+            f"{len(shed)} refused (median {statistics.median(shed) * 1e3:.1f} ms), peak RSS "
+            f"{server.peak_rss_bytes() / 2**20:.0f} MiB (+{growth / 2**20:.0f} MiB)"
+        )
         assert growth < 1024**3, f"peak RSS grew by {growth / 2**20:.0f} MiB under overload"
         with Client(server.address, retries=0) as c:  # recovers at once
             assert c.extract(images[:1], MODEL).array.shape == (1, 1280)
