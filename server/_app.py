@@ -110,7 +110,7 @@ class Application:
             self.settings, self.models, self.registry, self.extraction.cache
         )
         self.monitor.attach()
-        self.extraction.audit_hooks.append(self.monitor.audit)
+        self.extraction.auditor = self.monitor
 
     def _build_parity(self) -> None:
         """Parity metrics for the configured model pairs (issue 6)."""

@@ -83,7 +83,7 @@ class LmdbCache:
     ) -> None:
         self.path = path
         self.db = CacheDB(path, max_bytes)
-        self.key = KeyMaker()
+        self.keys = KeyMaker().many
         bound = self.db.max_bytes
         self.hits = self.misses = self.corrupt = self.evictions = self.dropped = 0
         self._m_hit = METRICS.cache_lookups.labels("hit")

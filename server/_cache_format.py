@@ -10,8 +10,8 @@ other version's entries.
 
 Entry (little-endian):
 
-    0   u32  CRC-32 over the key and every byte of the entry after this field
-    4   4s   magic b"EWC" + format version (1)
+    0   u32  CRC-32C over the key and every byte of the entry after this field
+    4   4s   magic b"EWC" + format version (2)
     8   u8   dtype code (1 float32, 2 float16)
     9   u8   ndim
     10  u16  reserved (0)
@@ -21,20 +21,23 @@ Entry (little-endian):
     56  ndim x u32 shape, then the payload: the array in C order, little-endian
 
 The checksum covers the key too, so an entry is only valid under the key it was written for.
-CRC-32 (zlib, ~3 GB/s here) detects torn or flipped bytes; the cache does not defend against a
-deliberate forger with write access to the data directory.
+CRC-32C (Castagnoli, `google-crc32c` with SSE4.2/ARMv8 instructions: ~12 GB/s here against
+~2.4 GB/s for zlib's CRC-32, which took a tenth of a cache hit's server time) detects torn or
+flipped bytes; the cache does not defend against a deliberate forger with write access to the
+data directory. Format 1 (zlib CRC-32) caches are cleared on open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import google_crc32c
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"EWC" + bytes([FORMAT_VERSION])
 PREFIX_BYTES = 8
 KEY_BYTES = PREFIX_BYTES + 32
@@ -48,18 +51,12 @@ _DTYPE_CODES = {"float32": 1, "float16": 2}
 _DTYPES: dict[int, np.dtype[np.floating]] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
 
 
-_CRC_CHUNK = 4096  # zlib.crc32 releases the GIL above 5 KiB: cheap for big buffers, but
-_CRC_SPLIT = 1 << 16  # on a busy server each release can wait a whole switch interval
+_crc_extend = google_crc32c.extend  # the C extension when built for this platform
 
 
-def checksum(key: bytes, body: bytes | memoryview) -> int:
-    """CRC-32 of key + body; bodies up to 64 KiB go in chunks that keep the GIL."""
-    crc = zlib.crc32(key)
-    if len(body) > _CRC_SPLIT:
-        return zlib.crc32(body, crc)
-    view = memoryview(body)
-    for start in range(0, len(view), _CRC_CHUNK):
-        crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
+def checksum(key: bytes, body: bytes) -> int:
+    """CRC-32C of key + body."""
+    crc: int = _crc_extend(_crc_extend(0, key), body)
     return crc
 
 
@@ -80,15 +77,16 @@ class KeyMaker:
         self._memo: dict[tuple[str, str, str, str, bool], tuple[bytes, hashlib._Hash]] = {}
         self._limit = memo_limit
 
-    def __call__(
+    def many(
         self,
         fingerprint: str,
         layer: str,
         pooling: str,
         dtype: str,
         normalize: bool,
-        input_digest: bytes,
-    ) -> bytes:
+        input_digests: Sequence[bytes],
+    ) -> list[bytes]:
+        """The keys of several inputs under one (version, layer, pooling, dtype, normalize)."""
         spec = (fingerprint, layer, pooling, dtype, normalize)
         memo = self._memo.get(spec)
         if memo is None:
@@ -97,9 +95,12 @@ class KeyMaker:
                 self._memo.clear()
             self._memo[spec] = memo
         prefix, state = memo
-        h = state.copy()
-        h.update(input_digest)
-        return prefix + h.digest()
+        keys = []
+        for digest in input_digests:
+            h = state.copy()
+            h.update(digest)
+            keys.append(prefix + h.digest())
+        return keys
 
 
 def _prefix_hash(
@@ -143,7 +144,7 @@ def decode_entry(key: bytes, value: bytes) -> np.ndarray:
     if len(value) < HEADER_BYTES:
         raise CorruptEntry(f"{len(value)} bytes, shorter than the header")
     crc, magic, code, ndim, _, _, fingerprint, size = _HEADER.unpack_from(value)
-    if checksum(key, memoryview(value)[4:]) != crc:
+    if checksum(key, value[4:]) != crc:
         raise CorruptEntry("checksum mismatch")
     if magic != MAGIC:
         raise CorruptEntry(f"unknown format {magic!r}")

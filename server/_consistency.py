@@ -204,12 +204,18 @@ class ConsistencyMonitor:
                         watch.state = "failed"
             self._schedule_coload()  # a loader that failed half-way may have changed globals
 
-    def audit(self, model: LoadedModel, hits: list[CacheHit]) -> None:
-        """On the request path: samples served cache hits and queues them for recomputation."""
+    def sample(self, count: int) -> list[int]:
+        """On the request path: which of `count` served cache hits to recompute."""
         fraction = self.settings.cache_audit_fraction
         if fraction <= 0:
-            return
-        chosen = hits if fraction >= 1 else [h for h in hits if self._random.random() < fraction]
+            return []
+        if fraction >= 1:
+            return list(range(count))
+        draw = self._random.random
+        return [i for i in range(count) if draw() < fraction]
+
+    def audit(self, model: LoadedModel, chosen: list[CacheHit]) -> None:
+        """On the request path: queues sampled hits for recomputation, within the budget."""
         if not chosen:
             return
         sources = {id(h.source): h.source for h in chosen}

@@ -92,7 +92,10 @@ def stored(cache_dir: Path, fingerprint: str, inputs: list[np.ndarray]) -> list[
         out = []
         for image in inputs:
             digest = input_digest(RawImage(image.tobytes(), image.shape, "uint8"))
-            keys = [maker(fingerprint, layer, "none", "float32", False, digest) for layer in LAYERS]
+            keys = [
+                maker.many(fingerprint, layer, "none", "float32", False, [digest])[0]
+                for layer in LAYERS
+            ]
             values, _ = db.get_many(keys)
             out.append(
                 {

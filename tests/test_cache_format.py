@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +28,14 @@ FP_B = hashlib.sha256(b"model version B").hexdigest()
 DIGEST = hashlib.sha256(b"image bytes").digest()
 
 
+def one_key(*spec_and_digest: Any, maker: KeyMaker | None = None) -> bytes:
+    """The key of one input: (fingerprint, layer, pooling, dtype, normalize, digest)."""
+    *spec, digest = spec_and_digest
+    return (maker or KeyMaker()).many(*spec, [digest])[0]
+
+
 def test_key_is_the_fingerprint_prefix_then_sha256_of_every_field():
-    key = KeyMaker()(FP, "features", "avg", "float32", False, DIGEST)
+    key = one_key(FP, "features", "avg", "float32", False, DIGEST)
     assert len(key) == KEY_BYTES == 40
     assert key[:8] == bytes.fromhex(FP)[:8] == fingerprint_prefix(FP)
     base = (FP, "features", "avg", "float32", False, DIGEST)
@@ -40,14 +47,19 @@ def test_key_is_the_fingerprint_prefix_then_sha256_of_every_field():
         (FP, "features", "avg", "float32", True, DIGEST),
         (*base[:5], hashlib.sha256(b"other image").digest()),
     ]
-    keys = {KeyMaker()(*v) for v in variants} | {key}
+    keys = {one_key(*v) for v in variants} | {key}
+    assert KeyMaker().many(*base[:5], [DIGEST, DIGEST[::-1]])[0] == key
     assert len(keys) == len(variants) + 1  # each field changes the key
     # Field boundaries are unambiguous: moving a character from one field to the next.
-    assert KeyMaker()(FP, "ab", "c", "float32", False, DIGEST) != KeyMaker()(
+    assert one_key(FP, "ab", "c", "float32", False, DIGEST) != one_key(
         FP, "a", "bc", "float32", False, DIGEST
     )
     maker = KeyMaker(memo_limit=1)  # memoised prefix state gives the same keys
-    assert [maker(*v) for v in (base, variants[0], base)] == [key, KeyMaker()(*variants[0]), key]
+    assert [one_key(*v, maker=maker) for v in (base, variants[0], base)] == [
+        key,
+        one_key(*variants[0]),
+        key,
+    ]
 
 
 def test_input_digest_covers_raw_shape_and_dtype():
@@ -69,7 +81,7 @@ def test_input_digest_covers_raw_shape_and_dtype():
     ],
 )
 def test_round_trip_is_byte_identical(array):
-    key = KeyMaker()(FP, "features", "none", array.dtype.name, False, DIGEST)
+    key = one_key(FP, "features", "none", array.dtype.name, False, DIGEST)
     value = encode_entry(key, FP, array, 1_700_000_000.5)
     out = decode_entry(key, value)
     assert out.dtype == array.dtype and out.shape == array.shape
@@ -86,7 +98,7 @@ def test_round_trip_is_byte_identical(array):
 
 
 def test_non_contiguous_and_big_endian_arrays_are_stored_as_their_values():
-    key = KeyMaker()(FP, "features", "none", "float32", False, DIGEST)
+    key = one_key(FP, "features", "none", "float32", False, DIGEST)
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     for array in (base[:, ::2], base.astype(">f4")):
         out = decode_entry(key, encode_entry(key, FP, array, 0.0))
@@ -94,12 +106,12 @@ def test_non_contiguous_and_big_endian_arrays_are_stored_as_their_values():
 
 
 def test_unsupported_arrays_are_refused_at_encode():
-    key = KeyMaker()(FP, "features", "none", "float32", False, DIGEST)
+    key = one_key(FP, "features", "none", "float32", False, DIGEST)
     with pytest.raises(ValueError, match="cannot cache"):
         encode_entry(key, FP, np.zeros(3, np.float64), 0.0)
 
 
-_KEY = KeyMaker()(FP, "features", "avg", "float32", False, DIGEST)
+_KEY = one_key(FP, "features", "avg", "float32", False, DIGEST)
 _VALUE = encode_entry(_KEY, FP, np.arange(64, dtype=np.float32), 1.0)
 
 
@@ -120,6 +132,6 @@ def test_truncated_entries_are_detected(length):
 
 
 def test_an_entry_is_only_valid_under_its_own_key():
-    other = KeyMaker()(FP, "features", "avg", "float32", False, hashlib.sha256(b"x").digest())
+    other = one_key(FP, "features", "avg", "float32", False, hashlib.sha256(b"x").digest())
     with pytest.raises(CorruptEntry, match="checksum"):
         decode_entry(other, _VALUE)

@@ -130,7 +130,7 @@ def test_cache_off_neither_reads_nor_writes_and_refresh_overwrites(
     raw = image[0]
     digest = input_digest(RawImage(raw.tobytes(), raw.shape, "uint8"))
     fingerprint = off.model.fingerprint
-    key = cache.key(fingerprint, "features", "avg", "float32", False, digest)
+    key = cache.keys(fingerprint, "features", "avg", "float32", False, [digest])[0]
     wrong = np.full(1280, 7.0, np.float32)
     cache.store(fingerprint, [(key, wrong)])
     cache.flush(30)

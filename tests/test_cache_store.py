@@ -26,10 +26,8 @@ MIB = 1 << 20
 
 
 def keys_for(cache: LmdbCache, fp: str, start: int, n: int) -> list[bytes]:
-    return [
-        cache.key(fp, "features", "avg", "float32", False, i.to_bytes(32, "little"))
-        for i in range(start, start + n)
-    ]
+    digests = [i.to_bytes(32, "little") for i in range(start, start + n)]
+    return cache.keys(fp, "features", "avg", "float32", False, digests)
 
 
 def vectors(n: int, size: int = 1280, seed: int = 0) -> list[np.ndarray]:
@@ -231,7 +229,7 @@ while True:
     batch = []
     for _ in range(16):
         digest = (seed * 10**9 + i).to_bytes(32, "little")
-        batch.append((cache.key(fp, "features", "none", "float32", False, digest),
+        batch.append((cache.keys(fp, "features", "none", "float32", False, [digest])[0],
                       rng.standard_normal(3000).astype(np.float32)))
         i += 1
     cache.store(fp, batch)
@@ -260,16 +258,14 @@ def test_processes_share_a_directory_and_survive_a_writer_killed_mid_commit(tmp_
     try:
         for cycle in range(3):
             proc = start_writer(path, bound, seed=cycle + 1)
-            first = [
-                cache.key(
-                    FP_B,
-                    "features",
-                    "none",
-                    "float32",
-                    False,
-                    ((cycle + 1) * 10**9).to_bytes(32, "little"),
-                )
-            ]
+            first = cache.keys(
+                FP_B,
+                "features",
+                "none",
+                "float32",
+                False,
+                [((cycle + 1) * 10**9).to_bytes(32, "little")],
+            )
             deadline = time.monotonic() + 30
             while cache.lookup(first)[0] is None:  # the other process's commit is visible here
                 assert time.monotonic() < deadline, "entries of the other process never appeared"

@@ -164,7 +164,7 @@ def test_a_corrupted_cache_entry_is_caught_by_the_audit(fault_server, photos):
         # recomputation can tell.
         digest = hashlib.sha256(photos["coffee"]).digest()
         fingerprint = app.models.get("lite_fault").identity.fingerprint
-        key = app.cache.key(fingerprint, "features", "avg", "float32", False, digest)
+        key = app.cache.keys(fingerprint, "features", "avg", "float32", False, [digest])[0]
         wrong = (first.array[0] * 1.05).astype(np.float32)
         app.cache.store(fingerprint, [(key, wrong)])
         assert app.cache.flush(30)
