@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -14,13 +13,14 @@ from embedwarden.v1 import admin_pb2, embedding_pb2, types_pb2
 from ._cache import CacheStats
 from ._consistency_report import Report
 from ._errors import InvalidInput
-from ._extraction import CacheMode, Embedding, ExtractOptions, ExtractResult
+from ._extraction import CacheMode, ExtractOptions, ExtractResult
 from ._manifest import Manifest
 from ._models import ModelIdentity, ModelState
 from ._parity import ParityReport
 from ._postprocess import Pooling, allowed_poolings
 from ._preprocess import ImageSource, RawImage
 from ._registry import Registry
+from ._wire import encode_items
 
 E = TypeVar("E")
 
@@ -114,26 +114,7 @@ def identity(ident: ModelIdentity) -> types_pb2.ModelIdentity:
     )
 
 
-# Keyed by (kind, itemsize): `dtype.name` costs microseconds, these attributes nanoseconds.
-_TENSOR_DTYPE = {("f", 4): types_pb2.DTYPE_FLOAT32, ("f", 2): types_pb2.DTYPE_FLOAT16}
-_SWAPPED = ">" if sys.byteorder == "little" else "="  # byte orders that are not little-endian
-
-
-def _fill_embedding(out: embedding_pb2.LayerEmbedding, e: Embedding) -> None:
-    array = e.array
-    if array.dtype.byteorder == _SWAPPED:
-        array = array.astype(array.dtype.newbyteorder("<"))
-    out.layer = e.layer
-    out.layout = e.layout
-    out.cached = e.cached
-    tensor = out.embedding
-    tensor.data = array.tobytes()
-    tensor.shape.extend(array.shape)
-    tensor.dtype = _TENSOR_DTYPE[array.dtype.kind, array.dtype.itemsize]
-
-
 def extract_response(result: ExtractResult) -> embedding_pb2.ExtractResponse:
-    """Built in place: nested constructors copy each submessage again (4x slower at 256)."""
     t = result.timings
     response = embedding_pb2.ExtractResponse(
         model=identity(result.identity),
@@ -145,11 +126,7 @@ def extract_response(result: ExtractResult) -> embedding_pb2.ExtractResponse:
             total_seconds=t.total,
         ),
     )
-    add_item = response.items.add
-    for row in result.items:
-        add_embedding = add_item().embeddings.add
-        for e in row:
-            _fill_embedding(add_embedding(), e)
+    response.MergeFromString(encode_items(result.items))  # see `_wire`: 3x faster at 256
     return response
 
 
