@@ -5,7 +5,9 @@ whose request and response are exactly as large as that Extract's (so both move 
 through gRPC and protobuf); the ratio is the cost of the cache path itself: hashing the inputs,
 one LMDB read transaction, checksums and building the response.
 
-- throughput, batches of 256 and of 1 (embeddings per second; `--clients` concurrent callers);
+- throughput, batches of 256 and of 1 (embeddings per second), with 1 and with 2 concurrent
+  callers by default (`--clients`): one caller leaves the server idle while its request and
+  response are in transit, two keep it busy;
 - single-item latency p50/p99, Extract and Ping calls interleaved so both see the same load.
 
 The client sends pre-serialized requests and keeps responses as bytes (identical work for both
@@ -138,6 +140,24 @@ def latency(a: Callable[[], Any], b: Callable[[], Any], n: int) -> tuple[list[fl
     return ta, tb
 
 
+def compare(
+    caller: Caller, request: bytes, ping: bytes, batch: int, clients: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Cache-hit and Ping throughput in alternating rounds (both see the same background load);
+    medians reported."""
+    hits, noops = [], []
+    share = args.seconds / args.rounds
+    for _ in range(args.rounds):
+        hits.append(throughput(partial(caller.extract, request), batch, share, clients))
+        noops.append(throughput(partial(caller.ping, ping), batch, share, clients))
+    return {
+        "cache_hit_embeddings_per_s": statistics.median(hits),
+        "ping_equivalent_per_s": statistics.median(noops),
+        "ratio_hit_over_ping": statistics.median(h / p for h, p in zip(hits, noops, strict=True)),
+        "rounds": [[h, p] for h, p in zip(hits, noops, strict=True)],
+    }
+
+
 def warm(address: str, images: list[bytes]) -> dict[str, Any]:
     """Computes every image once (cache misses) and waits until the entries are committed."""
     with Client(address, timeout=600) as client:
@@ -166,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             data_dir, "--models", MODEL, "--cache-audit-fraction", str(args.audit_fraction)
         ).start()
         address = server.address
+    clients = [int(c) for c in args.clients.split(",")]
     try:
         cache = warm(address, images)
         caller = Caller(address, args.parse)
@@ -175,11 +196,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "size": args.size,
                 "jpeg_bytes_mean": sum(map(len, images)) / len(images),
             },
-            "clients": args.clients,
+            "clients": clients,
             "audit_fraction": None if args.server else args.audit_fraction,
             "parse_responses": args.parse,
             "cache": cache,
         }
+        results["throughput"] = []
         for batch in (args.batch, 1):
             request = extract_request(images[:batch])
             raw = caller.extract_raw(request)
@@ -189,24 +211,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(20):  # warm both paths
                 caller.extract(request)
                 caller.ping(ping)
-            # Alternating rounds, so that both see the same background load; medians reported.
-            hits, noops = [], []
-            share = args.seconds / args.rounds
-            for _ in range(args.rounds):
-                hits.append(
-                    throughput(partial(caller.extract, request), batch, share, args.clients)
+            for n in clients:
+                results["throughput"].append(
+                    {
+                        "batch": batch,
+                        "clients": n,
+                        "request_bytes": len(request),
+                        "response_bytes": len(raw),
+                        **compare(caller, request, ping, batch, n, args),
+                    }
                 )
-                noops.append(throughput(partial(caller.ping, ping), batch, share, args.clients))
-            results[f"batch_{batch}"] = {
-                "request_bytes": len(request),
-                "response_bytes": len(raw),
-                "cache_hit_embeddings_per_s": statistics.median(hits),
-                "ping_equivalent_per_s": statistics.median(noops),
-                "ratio_hit_over_ping": statistics.median(
-                    h / p for h, p in zip(hits, noops, strict=True)
-                ),
-                "rounds": [[h, p] for h, p in zip(hits, noops, strict=True)],
-            }
         request = extract_request(images[:1])
         ping = equal_ping(request, caller.extract_raw(request))
         hit_s, ping_s = latency(
@@ -235,13 +249,13 @@ def print_table(r: dict[str, Any]) -> None:
     m = r["machine"]
     print(
         f"cache-hit bench: {m['cpu']} x{m['cores']}, inputs {r['input']['size']}"
-        f" JPEG ({r['input']['jpeg_bytes_mean'] / 1024:.1f} KiB), {r['clients']} client(s)"
+        f" JPEG ({r['input']['jpeg_bytes_mean'] / 1024:.1f} KiB)"
     )
     print(f"{'case':<22}{'cache hit':>14}{'ping (same bytes)':>20}{'ratio':>8}")
-    for key in sorted(k for k in r if k.startswith("batch_")):
-        b = r[key]
+    for b in r["throughput"]:
+        case = f"batch {b['batch']} x{b['clients']} emb/s"
         print(
-            f"{key + ' emb/s':<22}{b['cache_hit_embeddings_per_s']:>14,.0f}"
+            f"{case:<22}{b['cache_hit_embeddings_per_s']:>14,.0f}"
             f"{b['ping_equivalent_per_s']:>20,.0f}{b['ratio_hit_over_ping']:>8.2f}"
         )
     lat = r["latency_1"]
@@ -259,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="large batch (default 256)")
     parser.add_argument("--seconds", type=float, default=6.0, help="per throughput figure")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure")
-    parser.add_argument("--clients", type=int, default=1, help="concurrent callers")
+    parser.add_argument(
+        "--clients", default="1,2", help="concurrent callers, comma-separated (default 1,2)"
+    )
     parser.add_argument("--latency-calls", type=int, default=2000)
     parser.add_argument("--parse", action="store_true", help="parse Extract responses too")
     parser.add_argument(

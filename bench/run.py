@@ -74,15 +74,14 @@ def table(r: dict[str, Any]) -> str:
             f"{_f(s['unary_images_per_s'])} unary Extract | {s['ratio']:.2f}x | |"
         )
     c = r.get("cache", {})
-    for key, case in sorted(c.items()):
-        if key.startswith("batch_"):
-            size = key.removeprefix("batch_")
-            rows.append(
-                f"| cache-hit embeddings/s, batches of {size} ({c['input']['size']} JPEG) | "
-                f"{_f(case['cache_hit_embeddings_per_s'], 0)} | "
-                f"{_f(case['ping_equivalent_per_s'], 0)} no-op Ping, same bytes | "
-                f"{case['ratio_hit_over_ping']:.2f}x | {'≥ 30,000/s' if size != '1' else ''} |"
-            )
+    for case in sorted(c.get("throughput", []), key=lambda t: (-t["batch"], t["clients"])):
+        size = case["batch"]
+        rows.append(
+            f"| cache-hit embeddings/s, batches of {size}, {case['clients']} client(s) "
+            f"({c['input']['size']} JPEG) | {_f(case['cache_hit_embeddings_per_s'], 0)} | "
+            f"{_f(case['ping_equivalent_per_s'], 0)} no-op Ping, same bytes | "
+            f"{case['ratio_hit_over_ping']:.2f}x | {'≥ 30,000/s' if size != 1 else ''} |"
+        )
     lat = c.get("latency_1")
     if lat:
         rows.append(
