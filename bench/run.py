@@ -61,11 +61,11 @@ def table(r: dict[str, Any]) -> str:
         rows.append(
             f"| cache-miss latency, 1 image, p50 / p99 ms | {_f(lat['p50'] * 1e3)} / "
             f"{_f(lat['p99'] * 1e3)} (throughput config) | {_f(in_lat['p50'] * 1e3)} / "
-            f"{_f(in_lat['p99'] * 1e3)} in-process | +{_f(x['latency_overhead_p50_ms'])} ms | |"
+            f"{_f(in_lat['p99'] * 1e3)} in-process | {x['latency_overhead_p50_ms']:+.1f} ms | |"
         )
         rows.append(
             f"| same, latency config (1 lane x all cores) | {_f(tuned['p50'] * 1e3)} / "
-            f"{_f(tuned['p99'] * 1e3)} | same | +{_f(x['latency_tuned_overhead_p50_ms'])} ms | "
+            f"{_f(tuned['p99'] * 1e3)} | same | {x['latency_tuned_overhead_p50_ms']:+.1f} ms | "
             "≤ +2 ms |"
         )
         s = x["stream"]
