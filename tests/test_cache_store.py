@@ -147,6 +147,24 @@ def test_close_commits_every_queued_write(tmp_path):
         reopened.close()
 
 
+def test_a_cache_of_another_format_version_is_cleared_on_open(tmp_path):
+    cache = LmdbCache(tmp_path / "c", 64 * MIB)
+    keys = keys_for(cache, FP_A, 0, 8)
+    cache.store(FP_A, list(zip(keys, vectors(8), strict=True)))
+    cache.close()
+    db = cache_db.CacheDB(tmp_path / "c", 64 * MIB)
+    with db.env.begin(write=True) as txn:  # as an older release (zlib CRC-32 entries) left it
+        txn.put(b"format", b"1", db=db._meta)
+    db.close()
+    reopened = LmdbCache(tmp_path / "c", 64 * MIB)
+    try:
+        assert reopened.stats().entries == 0
+        assert reopened.lookup(keys) == [None] * 8
+    finally:
+        reopened.close()
+    assert verify_cache(tmp_path / "c").passed
+
+
 def test_purge_one_version_leaves_the_others(tmp_path):
     cache = LmdbCache(tmp_path / "c", 64 * MIB)
     try:
