@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +81,19 @@ def seeded_keras_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(str(path))
     return path
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The `embedwarden` command line in a subprocess, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "embedwarden.client", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import seeded_keras_weights
+from helpers import run_cli, seeded_keras_weights
 from PIL import Image
 
 from embedwarden.server import (
@@ -66,6 +66,26 @@ def keras_home(kx, tmp_path_factory):
 @pytest.fixture(scope="module")
 def manifest(kx, keras_home):
     return parse_manifest(kx.keras_manifest("MobileNetV2", FILE, size=SIZE, options=OPTIONS))
+
+
+def test_the_manifest_command_writes_the_same_manifest(manifest, keras_home, tmp_path):
+    out = tmp_path / "mobilenet.toml"
+    run_cli(
+        "manifest",
+        "keras",
+        "MobileNetV2",
+        FILE,
+        "--size",
+        str(SIZE),
+        "--option",
+        "alpha=0.35",
+        "--out",
+        str(out),
+        env={"KERAS_HOME": str(keras_home)},
+    )
+    written = parse_manifest(out.read_text())
+    assert written.fingerprint() == manifest.fingerprint()
+    assert written.weights.sha256 == sha256_file(keras_home / "models" / FILE)
 
 
 def load(manifest, weights_dirs=()):
