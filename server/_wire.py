@@ -25,7 +25,8 @@ from ._extraction import Embedding
 _TENSOR_DTYPE = {("f", 4): types_pb2.DTYPE_FLOAT32, ("f", 2): types_pb2.DTYPE_FLOAT16}
 _SWAPPED = ">" if sys.byteorder == "little" else "="  # byte orders that are not little-endian
 MIN_PLACEHOLDER = 16  # shorter data could match template bytes by chance: no template
-_UNSEEN: list[bytes] = []
+_UNSEEN: list[bytes] = []  # sentinels in the template table
+_SEEN_ONCE: list[bytes] = []
 
 
 def wire_array(array: np.ndarray) -> np.ndarray:
@@ -35,15 +36,21 @@ def wire_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _fill(out: embedding_pb2.LayerEmbedding, e: Embedding, array: np.ndarray, data: bytes) -> None:
+    out.layer = e.layer
+    out.layout = e.layout
+    out.cached = e.cached
+    out.embedding.data = data
+    out.embedding.shape.extend(array.shape)
+    out.embedding.dtype = _TENSOR_DTYPE[array.dtype.kind, array.dtype.itemsize]
+
+
 def item_message(row: Sequence[Embedding]) -> embedding_pb2.ExtractItem:
     """One item built field by field (the reference the templates must equal)."""
     item = embedding_pb2.ExtractItem()
     for e in row:
         array = wire_array(e.array)
-        out = item.embeddings.add(layer=e.layer, layout=e.layout, cached=e.cached)
-        out.embedding.data = array.tobytes()
-        out.embedding.shape.extend(array.shape)
-        out.embedding.dtype = _TENSOR_DTYPE[array.dtype.kind, array.dtype.itemsize]
+        _fill(item.embeddings.add(), e, array, array.tobytes())
     return item
 
 
@@ -54,23 +61,25 @@ def _encoded_item(item: embedding_pb2.ExtractItem) -> bytes:
 
 def _template(row: Sequence[Embedding]) -> list[bytes] | None:
     """The encoded item split around each embedding's data; None when that cannot be done
-    safely (data too short for an unambiguous placeholder)."""
+    safely (data too short for an unambiguous placeholder). Each placeholder is a random
+    16-byte head, found exactly once in the encoding, then zeros up to the data's length."""
     arrays = [wire_array(e.array) for e in row]
     if any(a.nbytes < MIN_PLACEHOLDER for a in arrays):
         return None
-    marks = [os.urandom(a.nbytes) for a in arrays]
-    item = item_message([e._replace(array=a) for e, a in zip(row, arrays, strict=True)])
-    for out, mark in zip(item.embeddings, marks, strict=True):
-        out.embedding.data = mark
+    heads = [os.urandom(MIN_PLACEHOLDER) for _ in arrays]
+    item = embedding_pb2.ExtractItem()
+    for e, array, head in zip(row, arrays, heads, strict=True):
+        placeholder = head + bytes(array.nbytes - len(head))
+        _fill(item.embeddings.add(), e, array, placeholder)
     blob = _encoded_item(item)
     pieces = []
     start = 0
-    for mark in marks:
-        at = blob.find(mark, start)
-        if at < 0 or blob.find(mark, at + 1) >= 0:
+    for head, array in zip(heads, arrays, strict=True):
+        at = blob.find(head, start)
+        if at < 0 or blob.find(head, at + 1) >= 0:
             return None
         pieces.append(blob[start:at])
-        start = at + len(mark)
+        start = at + array.nbytes
     pieces.append(blob[start:])
     return pieces
 
@@ -89,7 +98,10 @@ def encode_items(items: Sequence[Sequence[Embedding]]) -> bytes:
     for row in items:
         spec = tuple([(e.layer, e.layout, e.cached, e.array.shape, e.array.dtype) for e in row])
         pieces = templates.get(spec, _UNSEEN)
-        if pieces is _UNSEEN:
+        if pieces is _UNSEEN:  # a template pays off from an item shape's second item on
+            templates[spec] = _SEEN_ONCE
+            pieces = None
+        elif pieces is _SEEN_ONCE:
             pieces = templates[spec] = _template(row)
         if pieces is None:
             add(_encoded_item(item_message(row)))
