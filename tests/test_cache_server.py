@@ -4,15 +4,12 @@ restart; a new model version never reads the old one's entries; stats and purge 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_settings
+from helpers import make_settings, run_cli
 
 from embedwarden.client import Client, FailedPrecondition, InvalidArgument, NotFound
 from embedwarden.server import ServerThread, build_registry
@@ -211,19 +208,6 @@ def test_purge_needs_a_version_and_a_known_model(cclient):
     request = admin_pb2.PurgeCacheRequest(model=types_pb2.ModelRef(name=MODEL))
     with pytest.raises(InvalidArgument, match="one version at a time"):
         cclient._call(cclient._admin.PurgeCache, request)
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "embedwarden.client", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def test_cli_stats_purge_and_offline_verify(cclient, cached_server, data_dir, photos):

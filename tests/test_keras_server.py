@@ -11,7 +11,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import CAT_CLASSES, make_settings, seeded_keras_weights, seeded_torchvision_weights
+from helpers import (
+    CAT_CLASSES,
+    make_settings,
+    run_cli,
+    seeded_keras_weights,
+    seeded_torchvision_weights,
+)
 
 from embedwarden.client import Client
 from embedwarden.server import ServerThread
@@ -21,17 +27,6 @@ from embedwarden.v1 import embedding_pb2
 pytestmark = pytest.mark.keras
 
 KERAS_FILE = "mobilenet_v2_0.35_96_seeded.weights.h5"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "embedwarden.client", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_settings
+from helpers import make_settings, run_cli
 
 from embedwarden.client import Client, FailedPrecondition, InvalidArgument, NotFound
 from embedwarden.server import InvalidInput, ManifestError, ServerThread, build_registry
@@ -224,24 +222,15 @@ def test_errors_name_what_is_wrong(client):
 def test_cli_parity(server, photos, tmp_path):
     for name, data in photos.items():
         (tmp_path / f"{name}.jpg").write_bytes(data)
-    base = [sys.executable, "-m", "embedwarden.client", "--server", server.address, "parity"]
+    base = ["--server", server.address, "parity"]
     pair = ["efficientnet_lite0", "efficientnet_lite0_keras", "--images", str(tmp_path)]
-    result = subprocess.run(
-        [*base, *pair, "--layer", "logits", "--json"], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_cli(*base, *pair, "--layer", "logits", "--json")
     data = json.loads(result.stdout)
     assert data["inputs"] == 4 and data["first_divergence"] == ""
     assert data["layers"][0]["layer"] == "logits" and data["layers"][0]["top1_agreement"] == 1.0
-    table = subprocess.run([*base, *pair], capture_output=True, text=True, timeout=300)
-    assert table.returncode == 0, table.stderr
+    table = run_cli(*base, *pair)
     assert "blocks.15" in table.stdout and "first divergence: nowhere" in table.stdout
-    bad = subprocess.run(
-        [*base, "efficientnet_lite0", "lite0_perturbed", "--layer", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run_cli(*base, "efficientnet_lite0", "lite0_perturbed", "--layer", "nope", check=False)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
 
