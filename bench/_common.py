@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import platform
 import statistics
@@ -85,3 +86,10 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
         "mean": statistics.fmean(ordered),
         "n": float(len(ordered)),
     }
+
+
+def write_json(results: dict[str, Any], path: Path | None) -> None:
+    """Writes a benchmark's results where `--json` asked (the suite collects them from there)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")

@@ -20,7 +20,6 @@ Nothing is asserted: the figures are printed, and written as JSON with `--json P
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,10 +36,10 @@ from embedwarden.client import Client
 from embedwarden.v1 import embedding_pb2, types_pb2
 
 try:
-    from bench._common import ServerProcess, machine, percentiles, photo_jpegs
+    from bench._common import ServerProcess, machine, percentiles, photo_jpegs, write_json
 except ImportError:  # run as a script from bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ServerProcess, machine, percentiles, photo_jpegs  # type: ignore
+    from _common import ServerProcess, machine, percentiles, photo_jpegs, write_json  # type: ignore
 
 MODEL = "efficientnet_lite0"
 EXTRACT = "/embedwarden.v1.EmbeddingService/Extract"
@@ -289,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args)
     print_table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, args.json)
     return 0
 
 

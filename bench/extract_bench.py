@@ -23,9 +23,15 @@ import numpy as np
 from embedwarden.client import Client
 
 try:
-    from bench._common import ServerProcess, machine, percentiles, photo_jpegs
+    from bench._common import ServerProcess, machine, percentiles, photo_jpegs, write_json
 except ImportError:  # run as a script from bench/
-    from _common import ServerProcess, machine, percentiles, photo_jpegs  # type: ignore[no-redef]
+    from _common import (  # type: ignore[no-redef]
+        ServerProcess,
+        machine,
+        percentiles,
+        photo_jpegs,
+        write_json,
+    )
 
 MODEL = "efficientnet_lite0"
 
@@ -202,10 +208,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     results = run(args.data_dir, args.seconds, args.quick)
-    text = json.dumps(results, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    write_json(results, args.json)
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

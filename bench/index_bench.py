@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ServerProcess, machine
+from _common import ServerProcess, machine, write_json
 
 from embedwarden.client import Client
 
@@ -241,14 +241,8 @@ def main() -> int:
             f"{r['recall_at_10']:>11.3f}{r['build_s']:>9.1f}"
             f"{r['index_bytes'] / 2**20:>8.0f}  {params}"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "machine": machine(),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "results": results,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_json({"machine": machine(), "config": config, "results": results}, args.json)
     return 0
 
 

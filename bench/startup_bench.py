@@ -19,9 +19,9 @@ from typing import Any
 from embedwarden.client import Client
 
 try:
-    from bench._common import ServerProcess, machine
+    from bench._common import ServerProcess, machine, write_json
 except ImportError:  # run as a script from bench/
-    from _common import ServerProcess, machine  # type: ignore[no-redef]
+    from _common import ServerProcess, machine, write_json  # type: ignore[no-redef]
 
 MODELS = ("efficientnet_lite0", "efficientnet_lite0_keras")
 
@@ -63,10 +63,8 @@ def main() -> None:
         **start_times(args.data_dir / "start"),
         **memory(args.data_dir / "memory"),
     }
-    text = json.dumps(results, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    write_json(results, args.json)
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
