@@ -26,15 +26,17 @@ class TensorError(ValueError):
     """A Tensor message whose bytes, shape and dtype do not agree."""
 
 
+def wire_layout(array: np.ndarray) -> np.ndarray:
+    """The array as a Tensor carries it: C order, little-endian (no copy when it already is)."""
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+
+
 def to_tensor(array: np.ndarray) -> types_pb2.Tensor:
     dtype = array.dtype.newbyteorder("=")
     if dtype not in _FROM_NUMPY:
         raise TensorError(f"unsupported dtype {array.dtype}; use float32, float16 or uint8")
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return types_pb2.Tensor(
-        data=np.ascontiguousarray(little).tobytes(),
-        shape=list(array.shape),
-        dtype=_FROM_NUMPY[dtype],
+        data=wire_layout(array).tobytes(), shape=list(array.shape), dtype=_FROM_NUMPY[dtype]
     )
 
 

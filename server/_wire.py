@@ -17,41 +17,30 @@ from typing import Any
 
 import numpy as np
 
-from embedwarden.v1 import embedding_pb2, types_pb2
+from embedwarden.client._tensor import to_tensor, wire_layout
+from embedwarden.v1 import embedding_pb2
 
 from ._extraction import Embedding
 
-# Keyed by (kind, itemsize): `dtype.name` costs microseconds, these attributes nanoseconds.
-_TENSOR_DTYPE = {("f", 4): types_pb2.DTYPE_FLOAT32, ("f", 2): types_pb2.DTYPE_FLOAT16}
 _SWAPPED = ">" if sys.byteorder == "little" else "="  # byte orders that are not little-endian
 MIN_PLACEHOLDER = 16  # shorter data could match template bytes by chance: no template
 _UNSEEN: list[bytes] = []  # sentinels in the template table
 _SEEN_ONCE: list[bytes] = []
 
 
-def wire_array(array: np.ndarray) -> np.ndarray:
-    """The array as the contract sends it: C order, little-endian."""
-    if array.dtype.byteorder == _SWAPPED:
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
-
-
-def _fill(out: embedding_pb2.LayerEmbedding, e: Embedding, array: np.ndarray, data: bytes) -> None:
-    out.layer = e.layer
-    out.layout = e.layout
-    out.cached = e.cached
-    out.embedding.data = data
-    out.embedding.shape.extend(array.shape)
-    out.embedding.dtype = _TENSOR_DTYPE[array.dtype.kind, array.dtype.itemsize]
+def _embedding(e: Embedding, data: bytes | None = None) -> embedding_pb2.LayerEmbedding:
+    """One LayerEmbedding; `data` replaces the array's bytes (a template's placeholder)."""
+    out = embedding_pb2.LayerEmbedding(
+        layer=e.layer, layout=e.layout, cached=e.cached, embedding=to_tensor(e.array)
+    )
+    if data is not None:
+        out.embedding.data = data
+    return out
 
 
 def item_message(row: Sequence[Embedding]) -> embedding_pb2.ExtractItem:
     """One item built field by field (the reference the templates must equal)."""
-    item = embedding_pb2.ExtractItem()
-    for e in row:
-        array = wire_array(e.array)
-        _fill(item.embeddings.add(), e, array, array.tobytes())
-    return item
+    return embedding_pb2.ExtractItem(embeddings=[_embedding(e) for e in row])
 
 
 def _encoded_item(item: embedding_pb2.ExtractItem) -> bytes:
@@ -63,31 +52,33 @@ def _template(row: Sequence[Embedding]) -> list[bytes] | None:
     """The encoded item split around each embedding's data; None when that cannot be done
     safely (data too short for an unambiguous placeholder). Each placeholder is a random
     16-byte head, found exactly once in the encoding, then zeros up to the data's length."""
-    arrays = [wire_array(e.array) for e in row]
-    if any(a.nbytes < MIN_PLACEHOLDER for a in arrays):
+    sizes = [e.array.nbytes for e in row]
+    if any(n < MIN_PLACEHOLDER for n in sizes):
         return None
-    heads = [os.urandom(MIN_PLACEHOLDER) for _ in arrays]
-    item = embedding_pb2.ExtractItem()
-    for e, array, head in zip(row, arrays, heads, strict=True):
-        placeholder = head + bytes(array.nbytes - len(head))
-        _fill(item.embeddings.add(), e, array, placeholder)
+    heads = [os.urandom(MIN_PLACEHOLDER) for _ in row]
+    item = embedding_pb2.ExtractItem(
+        embeddings=[
+            _embedding(e, head + bytes(n - len(head)))
+            for e, head, n in zip(row, heads, sizes, strict=True)
+        ]
+    )
     blob = _encoded_item(item)
     pieces = []
     start = 0
-    for head, array in zip(heads, arrays, strict=True):
+    for head, n in zip(heads, sizes, strict=True):
         at = blob.find(head, start)
         if at < 0 or blob.find(head, at + 1) >= 0:
             return None
         pieces.append(blob[start:at])
-        start = at + array.nbytes
+        start = at + n
     pieces.append(blob[start:])
     return pieces
 
 
 def _data(array: np.ndarray) -> memoryview:
     if array.flags.c_contiguous and array.dtype.byteorder != _SWAPPED:
-        return array.data
-    return wire_array(array).data
+        return array.data  # the common case, checked without a call
+    return wire_layout(array).data
 
 
 def encode_items(items: Sequence[Sequence[Embedding]]) -> bytes:
