@@ -205,7 +205,7 @@ class ConsistencyMonitor:
             self._schedule_coload()  # a loader that failed half-way may have changed globals
 
     def sample(self, count: int) -> list[int]:
-        """On the request path: which of `count` served cache hits to recompute."""
+        """On the request path: which of `count` cache lookups to recompute if they hit."""
         fraction = self.settings.cache_audit_fraction
         if fraction <= 0:
             return []

@@ -124,7 +124,7 @@ class CacheAuditor(Protocol):
     monitor). Sampling comes first so that unsampled hits cost nothing."""
 
     def sample(self, count: int) -> Sequence[int]:
-        """Which of `count` hits (indices, ascending) to audit; usually none."""
+        """Which of `count` lookups (indices) to audit; usually none."""
         ...
 
     def audit(self, model: LoadedModel, hits: list[CacheHit]) -> None: ...
@@ -225,15 +225,13 @@ class ExtractionService:
             keys = columns[0] if width == 1 else [k for r in zip(*columns, strict=True) for k in r]
             if options.cache is CacheMode.ON:
                 found = cache.lookup(keys)
-                hit_count = 0
                 for j, p in enumerate(plan):
                     name, layout = p.spec.name, p.layout
                     for i, array in enumerate(found[j::width]):
                         if array is not None:
                             results[i][j] = Embedding(name, array, layout, True)
-                            hit_count += 1
-                if hit_count and self.auditor is not None:
-                    self._audit(model, sources, plan, options, keys, found, hit_count)
+                if self.auditor is not None:
+                    self._audit(model, sources, plan, options, keys, found)
             timings.cache = time.perf_counter() - t0
 
         todo = [i for i, row in enumerate(results) if None in row]
@@ -278,29 +276,23 @@ class ExtractionService:
         options: ExtractOptions,
         keys: list[bytes],
         found: list[np.ndarray | None],
-        hit_count: int,
     ) -> None:
-        """Hands the auditor's sample of this request's hits (numbered item-major)."""
+        """Hands the auditor its sample of this request's lookups that were hits (each lookup
+        is sampled alike, so each hit is audited with the configured probability)."""
         assert self.auditor is not None
-        chosen = set(self.auditor.sample(hit_count))
-        if not chosen:
-            return
         width = len(plan)
-        hits: list[CacheHit] = []
-        number = 0
-        for flat, array in enumerate(found):
-            if array is None:
-                continue
-            if number in chosen:
-                i, j = divmod(flat, width)
-                hits.append(CacheHit(sources[i], plan[j], options, array, keys[flat]))
-            number += 1
-        self.auditor.audit(model, hits)
+        hits = [
+            CacheHit(sources[f // width], plan[f % width], options, array, keys[f])
+            for f in self.auditor.sample(len(found))
+            if (array := found[f]) is not None
+        ]
+        if hits:
+            self.auditor.audit(model, hits)
 
     async def _digests(self, sources: Sequence[ImageSource]) -> list[bytes]:
         total = sum(len(s.data) if isinstance(s, RawImage) else len(s) for s in sources)
         if total <= INLINE_HASH_BYTES:
-            return [input_digest(s) for s in sources]
+            return _digest_all(sources)
         # hashlib releases the GIL: a large request hashes in chunks, in parallel on the pool,
         # which leaves the event loop free for other requests meanwhile.
         loop = asyncio.get_running_loop()
