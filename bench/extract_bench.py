@@ -44,12 +44,9 @@ def in_process(
     single-image latency (with its best thread count)."""
     import torch
 
-    from embedwarden.server import build_registry
-    from embedwarden.server._frameworks import available_cores, configure_process
-    from embedwarden.server._postprocess import Pooling, finish
-    from embedwarden.server._preprocess import Preprocessor
-    from embedwarden.server._weights import read_verified
-    from embedwarden.server.backbones._torch import TorchBackbone
+    from embedwarden.server import available_cores, build_registry, configure_process
+    from embedwarden.server.backbones import TorchBackbone
+    from embedwarden.server.models import Pooling, Preprocessor, finish, read_verified
 
     configure_process(deterministic=True, torch_threads=0)
     manifest = build_registry().resolve(MODEL)

@@ -34,7 +34,7 @@ from _common import ServerProcess, machine, write_json
 from embedwarden.client import Client
 
 # Imported through the server's module so that FAISS runs with the same OpenMP settings.
-from embedwarden.server._index_faiss import faiss
+from embedwarden.server.index import faiss
 
 MODEL = "efficientnet_lite0"
 DIM = 1280  # its default layer (`features`, average-pooled)

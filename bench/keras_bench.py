@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from embedwarden.server import build_registry
-from embedwarden.server._frameworks import configure_process, import_tensorflow
-from embedwarden.server._parity import Tolerance, compare_arrays, to_channels_last
-from embedwarden.server._preprocess import Preprocessor
+from embedwarden.server import build_registry, configure_process, import_tensorflow
 from embedwarden.server.backbones import load_backbone
+from embedwarden.server.consistency import Tolerance, compare_arrays, to_channels_last
+from embedwarden.server.models import Preprocessor
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
@@ -113,7 +112,7 @@ def main() -> None:
 
     names = [layer.name for layer in m_torch.layers]
     out_t, out_k = torch_model.infer(x_torch, names), keras_model.infer(x_keras, names)
-    tolerance = Tolerance.of(m_torch, m_keras)
+    tolerance = Tolerance.between(m_torch, m_keras)
     pre = float(np.abs(to_channels_last(x_torch, "CHW") - x_keras).max())
     print(f"\nparity on {', '.join(PHOTOS)}: preprocessed input max |A-B| {pre:g}")
     print(f"  {'layer':<10} {'max_abs_diff':>12} {'min_cosine':>20} {'top1':>5}")

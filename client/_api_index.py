@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from embedwarden.v1 import index_pb2, types_pb2
 
 from ._base import ClientBase
-from ._tensor import to_tensor
-
-if TYPE_CHECKING:
-    from ._client import ImageLike, ModelIdentity
+from ._types import CACHE_MODES, POOLINGS, ImageLike, ModelIdentity, image_input, model_ref
+from .tensor import to_tensor
 
 METRICS = {
     "cosine": index_pb2.METRIC_COSINE,
@@ -73,8 +71,6 @@ class CollectionInfo:
 
     @classmethod
     def from_proto(cls, m: index_pb2.CollectionInfo) -> CollectionInfo:
-        from ._client import ModelIdentity
-
         pooling = types_pb2.Pooling.Name(m.pooling).removeprefix("POOLING_").lower()
         return cls(
             name=m.name,
@@ -160,8 +156,6 @@ class IndexAPI(ClientBase):
         """Creates (or, with the same definition, returns) a collection bound to `model`
         ("name" or "name@version"). `params`: hnsw_m, hnsw_ef_construction, hnsw_ef_search,
         ivf_nlist, ivf_nprobe, pq_m, pq_nbits, train_min_vectors (0 = server default)."""
-        from ._client import POOLINGS, model_ref
-
         unknown = sorted(set(params) - set(PARAM_NAMES))
         if unknown:
             raise ValueError(f"unknown index parameters {unknown}; known: {list(PARAM_NAMES)}")
@@ -203,8 +197,6 @@ class IndexAPI(ClientBase):
     ) -> UpsertResult:
         """Adds or replaces `ids` with `vectors` (made by the model version `fingerprint`) or with
         `images` that the server embeds. One atomic request, durable once this returns."""
-        from ._client import CACHE_MODES, image_input
-
         if (vectors is None) == (images is None):
             raise ValueError("pass either vectors (with their fingerprint) or images")
         values: list[dict[str, Any]]
@@ -243,8 +235,6 @@ class IndexAPI(ClientBase):
     ) -> SearchResults:
         """The k nearest stored ids to each query: vectors (with their fingerprint), images
         (embedded by the server), or ids already stored (searched with their vectors)."""
-        from ._client import ModelIdentity, image_input
-
         given = [q is not None for q in (vectors, images, ids)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of vectors, images or ids")

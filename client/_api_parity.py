@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from embedwarden.v1 import admin_pb2
 
 from ._base import ClientBase
-
-if TYPE_CHECKING:
-    from ._client import ImageLike, ModelIdentity
+from ._types import ImageLike, ModelIdentity, image_input, model_ref
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,6 @@ class ParityReport:
 
     @classmethod
     def from_proto(cls, response: admin_pb2.CompareModelsResponse) -> ParityReport:
-        from ._client import ModelIdentity
-
         return cls(
             model_a=ModelIdentity.from_proto(response.model_a),
             model_b=ModelIdentity.from_proto(response.model_b),
@@ -81,8 +77,6 @@ class ParityAPI(ClientBase):
         `b` ("NAME" or "NAME@VERSION", both loaded) and reports, per shared layer, the max
         absolute difference, min/mean cosine and top-1 agreement, the difference of the
         preprocessed inputs, and where the two start to diverge."""
-        from ._client import image_input, model_ref
-
         request = admin_pb2.CompareModelsRequest(
             model_a=model_ref(a),
             model_b=model_ref(b),

@@ -1,17 +1,16 @@
 """`Client`: a blocking Python client for the Embedwarden service (embeddings and models here;
-cache, index and consistency methods come from the `_api_*` mixins)."""
+cache, index, consistency and parity methods come from the `_api_*` mixins, which share the
+request types of `_types` with it)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
 
-from embedwarden.v1 import admin_pb2, embedding_pb2, types_pb2
+from embedwarden.v1 import admin_pb2, embedding_pb2
 
 from ._api_cache import CacheAPI
 from ._api_consistency import ConsistencyAPI
@@ -19,58 +18,18 @@ from ._api_index import IndexAPI
 from ._api_parity import ParityAPI
 from ._base import ClientBase, default_address
 from ._exceptions import from_rpc_error, from_status
-from ._tensor import to_array, to_tensor
+from ._types import (
+    CACHE_MODES,
+    DTYPES,
+    POOLINGS,
+    ImageLike,
+    ModelIdentity,
+    image_input,
+    model_ref,
+)
+from .tensor import to_array
 
 __all__ = ["Client", "Extraction", "ModelIdentity", "default_address", "image_input"]
-
-ImageLike = bytes | bytearray | memoryview | np.ndarray | str | os.PathLike[str]
-
-POOLINGS = {
-    "default": types_pb2.POOLING_UNSPECIFIED,
-    "none": types_pb2.POOLING_NONE,
-    "avg": types_pb2.POOLING_AVG,
-    "max": types_pb2.POOLING_MAX,
-    "cls": types_pb2.POOLING_CLS,
-    "token_mean": types_pb2.POOLING_TOKEN_MEAN,
-}
-DTYPES = {"float32": types_pb2.DTYPE_FLOAT32, "float16": types_pb2.DTYPE_FLOAT16}
-CACHE_MODES = {
-    "on": types_pb2.CACHE_MODE_ON,
-    "off": types_pb2.CACHE_MODE_OFF,
-    "refresh": types_pb2.CACHE_MODE_REFRESH,
-}
-
-
-def model_ref(model: str, version: str = "") -> types_pb2.ModelRef:
-    """'name', or 'name@version' when `version` is not given separately."""
-    if "@" in model and not version:
-        model, version = model.split("@", 1)
-    return types_pb2.ModelRef(name=model, version=version)
-
-
-def image_input(image: ImageLike) -> types_pb2.Input:
-    """Encoded bytes, a file path (sent as its bytes), or a uint8 H x W x 3 RGB array."""
-    if isinstance(image, bytes | bytearray | memoryview):
-        return types_pb2.Input(encoded=bytes(image))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
-                f"arrays must be uint8 [height, width, 3] RGB, got {image.dtype} {image.shape}"
-            )
-        return types_pb2.Input(raw=to_tensor(image))
-    return types_pb2.Input(encoded=Path(image).read_bytes())
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    name: str
-    version: str
-    fingerprint: str
-    weights_sha256: str
-
-    @classmethod
-    def from_proto(cls, m: types_pb2.ModelIdentity) -> ModelIdentity:
-        return cls(m.name, m.version, m.fingerprint, m.weights_sha256)
 
 
 @dataclass(frozen=True)

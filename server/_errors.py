@@ -1,4 +1,4 @@
-"""Typed domain errors. Each maps to exactly one gRPC status code in `_rpc_errors`.
+"""Typed domain errors. Each maps to exactly one gRPC status code in `rpc/_status`.
 
 Messages are written for the caller: they say what was wrong and how to fix the request.
 """

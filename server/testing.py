@@ -1,21 +1,28 @@
-"""A real server in a subprocess, for tests and benchmarks that need a process of its own
-(`kill -9`, SIGTERM, resident memory, a client that must not share the server's GIL).
+"""Real servers for tests and benchmarks.
 
-The server binds port 0 and reports the port it got through `--port-file`, so there is no race
-for a free port.
+`ServerThread` runs an Application in this process, on its own event loop in a background
+thread. `ServerProcess` runs one in a subprocess, for tests that need a process of its own
+(`kill -9`, SIGTERM, resident memory, a client that must not share the server's GIL); it binds
+port 0 and reports the port it got through `--port-file`, so there is no race for a free port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from embedwarden.client import Client
+
+from ._app import Application
+from ._settings import Settings
+from .models import Registry
 
 
 def free_port() -> int:
@@ -123,3 +130,31 @@ class ServerProcess:
 
     def peak_rss_bytes(self) -> int:
         return self._status("VmHWM")
+
+
+class ServerThread:
+    """Runs an Application on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.app = Application(settings, registry)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="grpc-loop", daemon=True
+        )
+
+    def start(self, wait_loaded: float | None = 300.0) -> int:
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.app.start(), self._loop).result()
+        if wait_loaded is not None and not self.app.startup_done.wait(wait_loaded):
+            raise TimeoutError("startup models did not load in time")
+        return port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.app.stop(grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

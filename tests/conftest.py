@@ -12,7 +12,7 @@ from helpers import encode, make_settings
 from embedwarden.client import Client
 
 # Server first: it imports torch/torchvision before anything can import TensorFlow.
-from embedwarden.server import ServerThread
+from embedwarden.server.testing import ServerThread
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

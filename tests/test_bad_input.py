@@ -10,8 +10,9 @@ import pytest
 from helpers import encode, make_settings
 
 from embedwarden.client import Client
-from embedwarden.client._tensor import to_tensor
-from embedwarden.server import ServerThread, build_registry
+from embedwarden.client.tensor import to_tensor
+from embedwarden.server import build_registry
+from embedwarden.server.testing import ServerThread
 from embedwarden.v1 import embedding_pb2, embedding_pb2_grpc, types_pb2
 
 MODEL = "efficientnet_lite0"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedwarden.server import Overloaded, Unavailable
-from embedwarden.server._batching import DynamicBatcher
+from embedwarden.server.serving._batching import DynamicBatcher
 
 
 def _wait_until(condition, timeout: float = 5.0) -> None:

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from embedwarden.client import Client, EmbedwardenError
-from embedwarden.server._cache import verify_cache
-from embedwarden.server._cache_db import CacheDB, VerifyReport
-from embedwarden.server._cache_format import KeyMaker, decode_entry
-from embedwarden.server._extraction import input_digest
-from embedwarden.server._preprocess import RawImage
+from embedwarden.server.cache._db import CacheDB, VerifyReport
+from embedwarden.server.cache._format import KeyMaker, decode_entry
+from embedwarden.server.cache._lmdb import verify_cache
+from embedwarden.server.models._preprocess import RawImage
+from embedwarden.server.serving._extraction import input_digest
 from embedwarden.server.testing import ServerProcess
 
 pytestmark = pytest.mark.slow  # three server processes; they still run in CI

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedwarden.server._cache_format import (
+from embedwarden.server.cache._format import (
     HEADER_BYTES,
     KEY_BYTES,
     CorruptEntry,
@@ -20,8 +20,8 @@ from embedwarden.server._cache_format import (
     entry_info,
     fingerprint_prefix,
 )
-from embedwarden.server._extraction import input_digest
-from embedwarden.server._preprocess import RawImage
+from embedwarden.server.models._preprocess import RawImage
+from embedwarden.server.serving._extraction import input_digest
 
 FP = hashlib.sha256(b"model version A").hexdigest()
 FP_B = hashlib.sha256(b"model version B").hexdigest()

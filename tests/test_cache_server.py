@@ -12,8 +12,9 @@ import pytest
 from helpers import make_settings, run_cli
 
 from embedwarden.client import Client, FailedPrecondition, InvalidArgument, NotFound
-from embedwarden.server import ServerThread, build_registry
+from embedwarden.server import build_registry
 from embedwarden.server._metrics import METRICS
+from embedwarden.server.testing import ServerThread
 
 MODEL = "efficientnet_lite0"
 LAYERS = ["features", "logits"]
@@ -121,8 +122,8 @@ def test_cache_off_neither_reads_nor_writes_and_refresh_overwrites(
     )
     # Plant a wrong vector under this input's key: cache="on" trusts a valid entry ...
     extraction = cached_server.app.extraction
-    from embedwarden.server._extraction import input_digest
-    from embedwarden.server._preprocess import RawImage
+    from embedwarden.server.models._preprocess import RawImage
+    from embedwarden.server.serving._extraction import input_digest
 
     raw = image[0]
     digest = input_digest(RawImage(raw.tobytes(), raw.shape, "uint8"))

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from embedwarden.server import FailedPrecondition
-from embedwarden.server import _cache_db as cache_db
-from embedwarden.server._cache import LmdbCache, verify_cache
+from embedwarden.server.cache import _db as cache_db
 from embedwarden.server._metrics import METRICS
+from embedwarden.server.cache._lmdb import LmdbCache, verify_cache
 
 FP_A = hashlib.sha256(b"version A").hexdigest()
 FP_B = hashlib.sha256(b"version B").hexdigest()
@@ -235,9 +235,9 @@ WRITER = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from embedwarden.server import _cache_db
+from embedwarden.server.cache import _db as _cache_db
 _cache_db.INITIAL_MAP_BYTES = 1 << 20  # small, so that this process grows the map
-from embedwarden.server._cache import LmdbCache
+from embedwarden.server.cache._lmdb import LmdbCache
 path, bound, fp, seed = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cache = LmdbCache(path, bound)
 rng = np.random.default_rng(seed)

@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 
 from embedwarden.server import ConsistencyFailure, build_registry
-from embedwarden.server._canaries import canaries, filler
-from embedwarden.server._consistency_checks import (
-    Tolerance,
+from embedwarden.server.consistency import EXACT, Tolerance
+from embedwarden.server.consistency._canaries import canaries, filler
+from embedwarden.server.consistency._checks import (
     batch_layers,
     batch_positions,
     compare,
     summaries,
 )
-from embedwarden.server._consistency_worker import Worker
-from embedwarden.server._golden import (
+from embedwarden.server.consistency._golden import (
     ARRAYS,
     FULL_TENSOR_BUDGET,
     CanaryEmbeddings,
@@ -31,7 +30,8 @@ from embedwarden.server._golden import (
     full_plan,
     manifest_changes,
 )
-from embedwarden.server._models import ModelIdentity
+from embedwarden.server.consistency._worker import Worker
+from embedwarden.server.serving._manager import ModelIdentity
 
 DEFAULT = build_registry().resolve("efficientnet_lite0")
 # The synthetic canaries are integer-only and must never change: a change would silently make
@@ -62,10 +62,10 @@ def test_synthetic_canaries_are_pinned_and_photos_are_real_files():
 
 def test_identical_arrays_are_exact_with_difference_0_and_cosine_1():
     a = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
-    diff = compare([(a, a.copy())], Tolerance(True, 0, 0, 1))
+    diff = compare([(a, a.copy())], EXACT)
     assert diff == type(diff)(0.0, 1.0, True)
     one_ulp = np.nextafter(a, np.float32(np.inf))
-    assert not compare([(one_ulp, a)], Tolerance(True, 0, 0, 1)).passed
+    assert not compare([(one_ulp, a)], EXACT).passed
 
 
 def test_default_tolerance_passes_batch_rounding_and_fails_a_batchnorm_bug():
@@ -77,7 +77,7 @@ def test_default_tolerance_passes_batch_rounding_and_fails_a_batchnorm_bug():
     ref = rng.uniform(0, 6, (8, 1280)).astype(np.float32)
     rounding = ref + rng.uniform(-1.5e-5, 1.5e-5, ref.shape).astype(np.float32)
     assert compare([(rounding, ref)], DEFAULT_TOL).passed
-    assert not compare([(rounding, ref)], Tolerance(True, 0, 0, 1)).passed
+    assert not compare([(rounding, ref)], EXACT).passed
     bug = ref + rng.normal(0, 0.1, ref.shape).astype(np.float32)
     diff = compare([(bug, ref)], DEFAULT_TOL)
     assert not diff.passed and diff.max_abs > 0.1

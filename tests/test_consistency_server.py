@@ -22,11 +22,12 @@ from helpers import make_settings, run_cli
 from PIL import Image
 
 from embedwarden.client import Client, FailedPrecondition, ResourceExhausted
-from embedwarden.server import ServerThread, build_registry
-from embedwarden.server import _preprocess as preprocess
-from embedwarden.server._consistency_report import Outcome
+from embedwarden.server.models import _preprocess as preprocess
+from embedwarden.server import build_registry
 from embedwarden.server._metrics import METRICS
-from embedwarden.server._weights import locate_and_verify
+from embedwarden.server.consistency._report import Outcome
+from embedwarden.server.models._weights import locate_and_verify
+from embedwarden.server.testing import ServerThread
 from embedwarden.v1 import admin_pb2
 
 DEFAULT = build_registry().resolve("efficientnet_lite0")

@@ -14,7 +14,7 @@ import pytest
 from helpers import ServerProcess, encode
 
 from embedwarden.client import Client, EmbedwardenError, NotFound
-from embedwarden.server._cache import verify_cache
+from embedwarden.server.cache._lmdb import verify_cache
 
 MODEL = "efficientnet_lite0"
 COLLECTION = "crash"

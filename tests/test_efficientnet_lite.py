@@ -17,10 +17,10 @@ from helpers import CAT_CLASSES, ESPRESSO
 from PIL import Image
 
 from embedwarden.server import build_registry
-from embedwarden.server._preprocess import Preprocessor
-from embedwarden.server._weights import read_verified
 from embedwarden.server.backbones._efficientnet_lite import efficientnet_lite0, same_padding
 from embedwarden.server.backbones._torch import TorchBackbone
+from embedwarden.server.models._preprocess import Preprocessor
+from embedwarden.server.models._weights import read_verified
 
 MANIFEST = build_registry().resolve("efficientnet_lite0")
 GOLDEN = Path(__file__).parent / "golden" / "efficientnet_lite0@1.json"

@@ -14,8 +14,8 @@ from PIL import Image
 
 from embedwarden.client import Client, InvalidArgument
 from embedwarden.server import build_registry
-from embedwarden.server._weights import read_verified
 from embedwarden.server.backbones._efficientnet_lite import efficientnet_lite0
+from embedwarden.server.models._weights import read_verified
 
 MODEL = "efficientnet_lite0"
 

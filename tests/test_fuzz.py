@@ -15,7 +15,7 @@ from helpers import encode, make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedwarden.server import ServerThread
+from embedwarden.server.testing import ServerThread
 from embedwarden.v1 import admin_pb2, embedding_pb2, embedding_pb2_grpc, index_pb2, types_pb2
 
 MODEL = "efficientnet_lite0"

@@ -9,10 +9,11 @@ from helpers import make_settings
 from PIL import Image
 
 from embedwarden.client import Client
-from embedwarden.server import ServerThread, build_registry
-from embedwarden.server._preprocess import Preprocessor
-from embedwarden.server._weights import read_verified
+from embedwarden.server import build_registry
 from embedwarden.server.backbones._torch import TorchBackbone
+from embedwarden.server.models._preprocess import Preprocessor
+from embedwarden.server.models._weights import read_verified
+from embedwarden.server.testing import ServerThread
 
 pytestmark = pytest.mark.gpu
 MANIFEST = build_registry().resolve("efficientnet_lite0")

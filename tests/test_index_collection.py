@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from embedwarden.server import NotFound
-from embedwarden.server._index_collection import Collection
-from embedwarden.server._index_store import IndexStore
-from embedwarden.server._index_types import (
+from embedwarden.server.index._collection import Collection
+from embedwarden.server.index._store import IndexStore
+from embedwarden.server.index._types import (
     CollectionSpec,
     IndexKind,
     IndexParams,

@@ -14,7 +14,7 @@ import pytest
 from helpers import ServerProcess
 
 from embedwarden.client import Client, EmbedwardenError, NotFound
-from embedwarden.server._index_store import IndexStore
+from embedwarden.server.index._store import IndexStore
 
 MODEL = "efficientnet_lite0"
 DIM = 1280

@@ -20,8 +20,8 @@ from embedwarden.client import (
     InvalidArgument,
     NotFound,
 )
-from embedwarden.server import ServerThread
 from embedwarden.server._metrics import METRICS
+from embedwarden.server.testing import ServerThread
 
 MODEL = "efficientnet_lite0"
 ORIGINALS = (

@@ -12,9 +12,9 @@ import pytest
 from test_index_collection import clustered, ids_of, make_spec
 
 from embedwarden.server import FailedPrecondition, NotFound, Settings, build_registry
-from embedwarden.server._index import IndexManager
-from embedwarden.server._index_collection import Collection
-from embedwarden.server._index_store import (
+from embedwarden.server.index._collection import Collection
+from embedwarden.server.index._manager import IndexManager
+from embedwarden.server.index._store import (
     OP_REMOVE,
     OP_UPSERT,
     CorruptLog,
@@ -22,8 +22,8 @@ from embedwarden.server._index_store import (
     decode_entry,
     encode_entry,
 )
-from embedwarden.server._index_types import IndexKind, IndexParams, Metric, SearchOverrides
-from embedwarden.server._postprocess import Pooling
+from embedwarden.server.index._types import IndexKind, IndexParams, Metric, SearchOverrides
+from embedwarden.server.models._postprocess import Pooling
 
 
 def test_log_entries_round_trip_and_detect_corruption():

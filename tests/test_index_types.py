@@ -9,10 +9,10 @@ import pytest
 from test_index_collection import clustered, ids_of, make_spec
 
 from embedwarden.server import InvalidInput, LimitExceeded
-from embedwarden.server._index_collection import Collection
-from embedwarden.server._index_faiss import faiss
-from embedwarden.server._index_store import IndexStore
-from embedwarden.server._index_types import (
+from embedwarden.server.index._collection import Collection
+from embedwarden.server.index._faiss import faiss
+from embedwarden.server.index._store import IndexStore
+from embedwarden.server.index._types import (
     IndexKind,
     IndexParams,
     check_id,

@@ -22,8 +22,8 @@ from embedwarden.server import (
     parse_manifest,
 )
 from embedwarden.server._frameworks import import_tensorflow
-from embedwarden.server._preprocess import Preprocessor
-from embedwarden.server._weights import keras_models_dir, read_verified, sha256_file
+from embedwarden.server.models._preprocess import Preprocessor
+from embedwarden.server.models._weights import keras_models_dir, read_verified, sha256_file
 
 pytestmark = pytest.mark.keras
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from embedwarden.server import ManifestError, build_registry
 from embedwarden.server._frameworks import import_tensorflow
-from embedwarden.server._parity import cosines, to_channels_last
-from embedwarden.server._preprocess import Preprocessor
-from embedwarden.server._weights import read_verified
 from embedwarden.server.backbones import load_backbone
+from embedwarden.server.consistency._parity import cosines, to_channels_last
+from embedwarden.server.models._preprocess import Preprocessor
+from embedwarden.server.models._weights import read_verified
 
 pytestmark = pytest.mark.keras
 

@@ -20,8 +20,8 @@ from helpers import (
 )
 
 from embedwarden.client import Client
-from embedwarden.server import ServerThread
-from embedwarden.server._manifest_tools import torchvision_manifest
+from embedwarden.server.backbones._torchvision_manifest import torchvision_manifest
+from embedwarden.server.testing import ServerThread
 from embedwarden.v1 import embedding_pb2
 
 pytestmark = pytest.mark.keras

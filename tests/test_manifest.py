@@ -7,9 +7,9 @@ import re
 import pytest
 
 from embedwarden.server import ManifestError, NotFound, build_registry, parse_manifest
-from embedwarden.server._manifest import SHA256_RE
-from embedwarden.server._postprocess import allowed_poolings
-from embedwarden.server._registry import Registry, parse_model_ref
+from embedwarden.server.models._manifest import SHA256_RE
+from embedwarden.server.models._postprocess import allowed_poolings
+from embedwarden.server.models._registry import Registry, parse_model_ref
 
 BUILTIN = build_registry()
 

@@ -45,7 +45,7 @@ def test_the_base_install_is_the_client_without_frameworks():
     for heavy in ("torch", "tensorflow", "keras", "faiss", "lmdb", "pillow"):
         assert heavy not in base
     code = (
-        "import sys, embedwarden.client, embedwarden.client._cli; "
+        "import sys, embedwarden.client, embedwarden.client.cli; "
         "bad = [m for m in ('torch', 'tensorflow', 'PIL', 'faiss') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -15,11 +15,11 @@ import torch
 from helpers import make_settings, run_cli
 
 from embedwarden.client import Client, FailedPrecondition, InvalidArgument, NotFound
-from embedwarden.server import InvalidInput, ManifestError, ServerThread, build_registry
+from embedwarden.server import InvalidInput, ManifestError, build_registry
 from embedwarden.server import NotFound as ServerNotFound
 from embedwarden.server._metrics import METRICS
-from embedwarden.server._parity import (
-    Tolerance,
+from embedwarden.server.consistency import Tolerance
+from embedwarden.server.consistency._parity import (
     channels_last,
     comparable_layers,
     compare_arrays,
@@ -27,7 +27,8 @@ from embedwarden.server._parity import (
     parse_pairs,
     to_channels_last,
 )
-from embedwarden.server._weights import read_verified, sha256_file
+from embedwarden.server.models._weights import read_verified, sha256_file
+from embedwarden.server.testing import ServerThread
 
 REGISTRY = build_registry()
 TORCH = REGISTRY.resolve("efficientnet_lite0")

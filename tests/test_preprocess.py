@@ -11,8 +11,8 @@ from helpers import encode
 from PIL import Image
 
 from embedwarden.server import InvalidInput, LimitExceeded, build_registry
-from embedwarden.server._manifest import PreprocessSpec
-from embedwarden.server._preprocess import Preprocessor, RawImage, decode
+from embedwarden.server.models._manifest import PreprocessSpec
+from embedwarden.server.models._preprocess import Preprocessor, RawImage, decode
 
 MAX_PIXELS = 40_000_000
 

@@ -19,8 +19,9 @@ import pytest
 from helpers import free_port, make_settings
 
 from embedwarden.client import Client
-from embedwarden.server import ServerThread, build_registry
+from embedwarden.server import build_registry
 from embedwarden.server._metrics import METRICS
+from embedwarden.server.testing import ServerThread
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = shutil.which("prometheus")

@@ -12,8 +12,8 @@ import pytest
 from helpers import ServerProcess, encode, make_settings
 
 from embedwarden.client import Client, ResourceExhausted
-from embedwarden.server import ServerThread
 from embedwarden.server._metrics import METRICS
+from embedwarden.server.testing import ServerThread
 
 MODEL = "efficientnet_lite0"
 

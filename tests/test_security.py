@@ -17,13 +17,13 @@ from embedwarden.client import (
     Unauthenticated,
     Unavailable,
 )
-from embedwarden.server import ServerThread
-from embedwarden.server._security import (
+from embedwarden.server.rpc._security import (
     SecurityConfigError,
     check_policy,
     load_tokens,
     new_token,
 )
+from embedwarden.server.testing import ServerThread
 
 MODEL = "efficientnet_lite0"
 

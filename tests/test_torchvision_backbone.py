@@ -11,10 +11,10 @@ from helpers import seeded_torchvision_weights
 from PIL import Image
 
 from embedwarden.server import WeightsVerificationError, parse_manifest
-from embedwarden.server._manifest_tools import torchvision_manifest
-from embedwarden.server._preprocess import Preprocessor
-from embedwarden.server._weights import read_verified
 from embedwarden.server.backbones._torch import TorchBackbone
+from embedwarden.server.backbones._torchvision_manifest import torchvision_manifest
+from embedwarden.server.models._preprocess import Preprocessor
+from embedwarden.server.models._weights import read_verified
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from embedwarden.server import WeightsVerificationError, build_registry, parse_manifest
-from embedwarden.server._weights import (
+from embedwarden.server.models._weights import (
     candidate_paths,
     locate_and_verify,
     read_verified,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedwarden.server._extraction import Embedding
-from embedwarden.server._wire import encode_items, item_message
+from embedwarden.server.rpc._wire import encode_items, item_message
+from embedwarden.server.serving._extraction import Embedding
 from embedwarden.v1 import embedding_pb2
 
 

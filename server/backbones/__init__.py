@@ -1,16 +1,50 @@
-"""Framework backbones behind one `Backbone` protocol; `load_backbone` picks by manifest."""
+"""Framework backbones behind one `Backbone` protocol; `load_backbone` picks by manifest.
+
+One module per framework (`_torch`, `_keras`), the built-in EfficientNet-Lite in each, and the
+manifest writers for torchvision and `keras.applications` models. Modules that import a
+framework are loaded on first use (`load_backbone`, or the lazy names below), so that a server
+without Keras models never pays TensorFlow's import and the client CLI stays framework-free.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._errors import FailedPrecondition
-from .._manifest import Manifest
-from .._weights import VerifiedWeights, read_verified
+from ..models import Manifest, VerifiedWeights, read_verified
 from ._base import Backbone
 
-__all__ = ["Backbone", "load_backbone"]
+if TYPE_CHECKING:
+    from ._keras import KerasBackbone
+    from ._keras_manifest import keras_manifest
+    from ._torch import TorchBackbone
+    from ._torchvision_manifest import torchvision_manifest
+
+__all__ = [
+    "Backbone",
+    "KerasBackbone",
+    "TorchBackbone",
+    "keras_manifest",
+    "load_backbone",
+    "torchvision_manifest",
+]
+
+_LAZY = {
+    "KerasBackbone": "._keras",
+    "TorchBackbone": "._torch",
+    "keras_manifest": "._keras_manifest",
+    "torchvision_manifest": "._torchvision_manifest",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The framework-importing names, imported when first asked for (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
 
 
 def load_backbone(

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .._manifest import Manifest
+from ..models import Manifest
 
 
 class Backbone(Protocol):

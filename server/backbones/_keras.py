@@ -5,7 +5,7 @@ Builders: `keras:<ApplicationName>` (e.g. `keras:MobileNetV2`, `keras:ResNet50`)
 `efficientnet_lite0`, the Keras port of the built-in model, converted from the very same PyTorch
 state dict (`_efficientnet_lite_keras`). Nothing is downloaded: `keras.utils.get_file` is never
 called (it switches cache folders when ~/.keras is read-only and some applications pass it no
-hash); the file comes from `_weights` and is hashed on every load.
+hash); the file comes from `models.read_verified` and is hashed on every load.
 
 Serving guarantees, as for torch models:
 - inference always calls the model with `training=False`, through one `tf.function` per layer
@@ -40,7 +40,7 @@ import numpy as np
 
 from .._errors import FailedPrecondition, ManifestError
 from .._frameworks import import_tensorflow, import_torch
-from .._manifest import Manifest
+from ..models import Manifest
 
 tf = import_tensorflow()
 import keras  # noqa: E402  (after TensorFlow, which import_tensorflow orders after torch)

@@ -28,9 +28,7 @@ import numpy as np
 import tomli_w
 
 from .._errors import InvalidInput
-from .._manifest import PreprocessSpec, parse_manifest
-from .._preprocess import Preprocessor
-from .._weights import keras_models_dir, sha256_file
+from ..models import Preprocessor, PreprocessSpec, keras_models_dir, parse_manifest, sha256_file
 from ._keras import WEIGHT_SUFFIXES, application, build_application
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .._errors import ManifestError
 from .._frameworks import import_torch
-from .._manifest import ArchitectureSpec, Manifest
+from ..models import ArchitectureSpec, Manifest
 
 torch = import_torch()
 from torch import fx, nn  # noqa: E402

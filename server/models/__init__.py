@@ -1,1 +1,54 @@
-"""Built-in model manifests (TOML, one file per version)."""
+"""What defines a model version: its manifest, the registry of versions, verified weights, and
+the pre- and postprocessing the manifest pins.
+
+The bottom floor of the server: it imports nothing above `_errors`, so every other concern may
+use it. The built-in manifests (TOML, one file per version) ship in `builtin/`.
+"""
+
+from ._manifest import ArchitectureSpec, LayerSpec, Manifest, PreprocessSpec, parse_manifest
+from ._postprocess import (
+    OUTPUT_DTYPES,
+    Pooling,
+    allowed_poolings,
+    finish,
+    output_layout,
+    pool,
+    resolve_pooling,
+)
+from ._preprocess import ImageSource, Preprocessor, RawImage, decode, tensor_sha256
+from ._registry import Registry, build_registry, parse_model_ref
+from ._weights import (
+    VerifiedWeights,
+    keras_models_dir,
+    read_verified,
+    sha256_file,
+    torch_hub_checkpoints,
+)
+
+__all__ = [
+    "OUTPUT_DTYPES",
+    "ArchitectureSpec",
+    "ImageSource",
+    "LayerSpec",
+    "Manifest",
+    "Pooling",
+    "PreprocessSpec",
+    "Preprocessor",
+    "RawImage",
+    "Registry",
+    "VerifiedWeights",
+    "allowed_poolings",
+    "build_registry",
+    "decode",
+    "finish",
+    "keras_models_dir",
+    "output_layout",
+    "parse_manifest",
+    "parse_model_ref",
+    "pool",
+    "read_verified",
+    "resolve_pooling",
+    "sha256_file",
+    "tensor_sha256",
+    "torch_hub_checkpoints",
+]

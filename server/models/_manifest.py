@@ -1,0 +1,397 @@
+"""Model manifests: the immutable, fully pinned description of one model version.
+
+A manifest is data (one TOML file per version). It pins the framework and architecture, the
+weights file and its SHA-256, the complete preprocessing, the layer catalogue and the numeric
+policy. Parsing is strict: unknown keys and out-of-range values are errors, so that a typo can't
+silently fall back to a default.
+
+The fingerprint is the SHA-256 of the canonical manifest (sorted-key JSON of every field that can
+change an output) followed by the weights hash. Prose (description, license, source), where the
+weights file is found (`package`, `path`) and the `default` flag are not part of it: moving a
+weights file or fixing a typo in a description does not invalidate cached vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._errors import ManifestError, NotFound
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+FRAMEWORKS = ("torch", "keras")
+WEIGHT_FORMATS = ("torch_state_dict", "keras_weights")
+RESIZE_MODES = ("crop_resize", "resize_crop", "resize")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+COLOR_ORDERS = ("RGB", "BGR")
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32", "float16", "bfloat16")
+# Keys left out of the fingerprint: they locate or describe, they don't change outputs.
+NON_IDENTITY_KEYS = ("description", "license", "source", "default")
+NON_IDENTITY_WEIGHT_KEYS = ("package", "path")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    framework: str
+    builder: str  # e.g. "efficientnet_lite0", "torchvision:resnet50", "keras:MobileNetV2"
+    num_classes: int = 1000
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    file: str
+    sha256: str
+    format: str
+    package: str = ""  # a Python package that ships the file
+    path: str = ""  # explicit location; relative paths are relative to the manifest's folder
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Decode and preprocessing, completely: nothing here may be left to a library default."""
+
+    decoder: str
+    color_order: str
+    resize_mode: str  # crop_resize: crop a fraction of the short side, then resize to `size`
+    size: int  # resize_crop: resize the short side to `resize_size`, then centre-crop `size`
+    interpolation: str  # resize: squash the whole image to `size` x `size`
+    antialias: bool
+    divisor: float  # x / divisor, then (x - mean) / std, per channel in `color_order`
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layout: str
+    resize_size: int = 0
+    crop_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    node: str  # framework-specific tap point (torch.fx node name, Keras layer name)
+    shape: tuple[int, ...]  # per item, without the batch axis
+    layout: str  # axis names: "C", "CHW", "HWC", "TC"
+    tokens: bool = False
+
+    @property
+    def spatial_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, axis in enumerate(self.layout) if axis in "HW")
+
+
+@dataclass(frozen=True)
+class NumericsSpec:
+    dtype: str = "float32"
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class ConsistencySpec:
+    """Tolerances applied when the environment differs from the one golden values were made in.
+
+    With an unchanged environment every check demands exact equality.
+    """
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_cosine: float = 0.9999
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    architecture: ArchitectureSpec
+    weights: WeightsSpec
+    preprocess: PreprocessSpec
+    layers: tuple[LayerSpec, ...]
+    default_layer: str
+    numerics: NumericsSpec
+    consistency: ConsistencySpec
+    description: str = ""
+    license: str = ""
+    source: str = ""
+    default: bool = False
+    text: str = field(default="", compare=False, repr=False)
+    origin: str = field(default="", compare=False, repr=False)  # file it came from
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def framework(self) -> str:
+        return self.architecture.framework
+
+    def layer(self, name: str) -> LayerSpec:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(layer.name for layer in self.layers)
+        raise NotFound(f"model {self.ref} has no layer {name!r}; catalogued layers: {known}")
+
+    def canonical(self) -> dict[str, Any]:
+        """The fields that define outputs, as plain JSON-able data."""
+        data = asdict(self)
+        for key in (*NON_IDENTITY_KEYS, "text", "origin"):
+            data.pop(key, None)
+        for key in NON_IDENTITY_WEIGHT_KEYS:
+            data["weights"].pop(key, None)
+        data["schema"] = SCHEMA_VERSION
+        return data
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical manifest plus the (pinned, verified) weights hash."""
+        digest = hashlib.sha256()
+        digest.update(self.canonical_json().encode())
+        digest.update(b"\0")
+        digest.update(self.weights.sha256.encode())
+        return digest.hexdigest()
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+class _Table:
+    """Reads one TOML table, tracking used keys so that leftovers can be reported."""
+
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"{where}: expected a table")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise ManifestError(f"{self.where}: missing required key {key!r}")
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ManifestError(f"{self.where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise ManifestError(f"{self.where}.{key}: {value!r} is not one of {list(options)}")
+        return str(value)
+
+    def table(self, key: str, required: bool = True) -> _Table:
+        if key not in self.data and not required:
+            self.used.add(key)
+            return _Table({}, f"{self.where}.{key}" if self.where else key)
+        return _Table(self.get(key, dict), f"{self.where}.{key}" if self.where else key)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ManifestError(f"{self.where or 'manifest'}: unknown keys {unknown}")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        list: "a list",
+        dict: "a table",
+    }.get(kind, kind.__name__)
+
+
+def _triple(t: _Table, key: str) -> tuple[float, float, float]:
+    values = t.get(key, list)
+    if len(values) != 3 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        raise ManifestError(f"{t.where}.{key}: expected 3 numbers (one per channel)")
+    out = tuple(float(v) for v in values)
+    if key == "std" and any(v <= 0 for v in out):
+        raise ManifestError(f"{t.where}.std: values must be positive")
+    return out[0], out[1], out[2]
+
+
+def _positive(where: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ManifestError(f"{where}: must be a positive number, got {value!r}")
+
+
+def _parse_preprocess(t: _Table) -> PreprocessSpec:
+    layout = t.choice("layout", LAYOUTS)
+    spec = PreprocessSpec(
+        decoder=t.choice("decoder", ("pillow",)),
+        color_order=t.choice("color_order", COLOR_ORDERS),
+        resize_mode=t.choice("resize_mode", RESIZE_MODES),
+        size=t.get("size", int),
+        interpolation=t.choice("interpolation", INTERPOLATIONS),
+        antialias=t.get("antialias", bool),
+        divisor=t.get("divisor", float),
+        mean=_triple(t, "mean"),
+        std=_triple(t, "std"),
+        layout=layout,
+        resize_size=t.get("resize_size", int, 0),
+        crop_fraction=t.get("crop_fraction", float, 0.0),
+    )
+    t.finish()
+    _positive(f"{t.where}.size", spec.size)
+    _positive(f"{t.where}.divisor", spec.divisor)
+    if not spec.antialias and spec.interpolation != "nearest":
+        raise ManifestError(
+            f"{t.where}.antialias: the pillow decoder always antialiases when downscaling; "
+            "set antialias = true"
+        )
+    if spec.resize_mode == "crop_resize" and not 0 < spec.crop_fraction <= 1:
+        raise ManifestError(f"{t.where}.crop_fraction: crop_resize needs a value in (0, 1]")
+    if spec.resize_mode == "resize_crop" and spec.resize_size < spec.size:
+        raise ManifestError(f"{t.where}.resize_size: resize_crop needs resize_size >= size")
+    return spec
+
+
+def _default_layout(shape: tuple[int, ...], tokens: bool, image_layout: str) -> str:
+    if tokens:
+        return "TC"
+    if len(shape) == 1:
+        return "C"
+    if len(shape) == 3:
+        return "CHW" if image_layout == "NCHW" else "HWC"
+    raise ManifestError(f"cannot infer the layout of a layer of shape {list(shape)}; set `layout`")
+
+
+def _parse_layers(raw: Any, image_layout: str) -> tuple[LayerSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ManifestError("layers: expected at least one [[layers]] entry")
+    layers: list[LayerSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        t = _Table(item, f"layers[{i}]")
+        name = t.get("name", str)
+        if not NAME_RE.match(name) or name in seen:
+            raise ManifestError(f"layers[{i}].name: {name!r} is invalid or repeated")
+        seen.add(name)
+        shape_raw = t.get("shape", list)
+        if not shape_raw or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape_raw
+        ):
+            raise ManifestError(f"layers[{i}].shape: expected positive integers")
+        shape = tuple(shape_raw)
+        tokens = t.get("tokens", bool, False)
+        layout = t.get("layout", str, "") or _default_layout(shape, tokens, image_layout)
+        if len(layout) != len(shape) or set(layout) - set("CHWT"):
+            raise ManifestError(f"layers[{i}].layout: {layout!r} does not match shape {shape}")
+        layers.append(LayerSpec(name, t.get("node", str), shape, layout, tokens))
+        t.finish()
+    return tuple(layers)
+
+
+def parse_manifest(text: str, origin: str = "<string>") -> Manifest:
+    """Parses and validates a manifest; raises ManifestError naming the offending key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{origin}: not valid TOML: {exc}") from None
+    try:
+        return _parse(data, text, origin)
+    except ManifestError as exc:
+        raise ManifestError(f"{origin}: {exc}") from None
+
+
+def _parse(data: Mapping[str, Any], text: str, origin: str) -> Manifest:
+    top = _Table(data, "")
+    schema = top.get("schema", int)
+    if schema != SCHEMA_VERSION:
+        raise ManifestError(f"schema: this server reads schema {SCHEMA_VERSION}, got {schema}")
+    name = top.get("name", str)
+    version = top.get("version", str)
+    if not NAME_RE.match(name):
+        raise ManifestError(f"name: {name!r} must match {NAME_RE.pattern}")
+    if not VERSION_RE.match(version):
+        raise ManifestError(f"version: {version!r} must match {VERSION_RE.pattern}")
+
+    arch_t = top.table("architecture")
+    arch = ArchitectureSpec(
+        framework=arch_t.choice("framework", FRAMEWORKS),
+        builder=arch_t.get("builder", str),
+        num_classes=arch_t.get("num_classes", int, 1000),
+        options=dict(arch_t.get("options", dict, {})),
+    )
+    arch_t.finish()
+
+    w_t = top.table("weights")
+    weights = WeightsSpec(
+        file=w_t.get("file", str),
+        sha256=w_t.get("sha256", str).lower(),
+        format=w_t.choice("format", WEIGHT_FORMATS),
+        package=w_t.get("package", str, ""),
+        path=w_t.get("path", str, ""),
+    )
+    w_t.finish()
+    if not SHA256_RE.match(weights.sha256):
+        raise ManifestError("weights.sha256: expected the full 64-hex-digit SHA-256 of the file")
+    if "/" in weights.file or "\\" in weights.file or weights.file in {"", ".", ".."}:
+        raise ManifestError("weights.file: a bare file name (put folders in `path`)")
+
+    preprocess = _parse_preprocess(top.table("preprocess"))
+    layers = _parse_layers(top.get("layers", list), preprocess.layout)
+    default_layer = top.get("default_layer", str)
+    if default_layer not in {layer.name for layer in layers}:
+        raise ManifestError(f"default_layer: {default_layer!r} is not in the layer catalogue")
+
+    n_t = top.table("numerics", required=False)
+    numerics = NumericsSpec(
+        dtype=n_t.choice("dtype", DTYPES, "float32"),
+        deterministic=n_t.get("deterministic", bool, True),
+    )
+    n_t.finish()
+
+    c_t = top.table("consistency", required=False)
+    consistency = ConsistencySpec(
+        atol=c_t.get("atol", float, ConsistencySpec.atol),
+        rtol=c_t.get("rtol", float, ConsistencySpec.rtol),
+        min_cosine=c_t.get("min_cosine", float, ConsistencySpec.min_cosine),
+    )
+    c_t.finish()
+
+    manifest = Manifest(
+        name=name,
+        version=version,
+        architecture=arch,
+        weights=weights,
+        preprocess=preprocess,
+        layers=layers,
+        default_layer=default_layer,
+        numerics=numerics,
+        consistency=consistency,
+        description=top.get("description", str, ""),
+        license=top.get("license", str, ""),
+        source=top.get("source", str, ""),
+        default=top.get("default", bool, False),
+        text=text,
+        origin=origin,
+    )
+    top.finish()
+    return manifest
+
+
+def load_manifest(path: Path) -> Manifest:
+    return parse_manifest(path.read_text(encoding="utf-8"), origin=str(path))

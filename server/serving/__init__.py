@@ -1,0 +1,36 @@
+"""Serving a model version: loading it (verify, build, warm up, check), the dynamic batcher that
+runs its forward passes, and the Extract use case (validate, cache, decode, infer, pool).
+
+Above `models` and `backbones`; below the cache, index, consistency and rpc concerns, which
+reach a loaded model only through `ModelManager` and `ExtractionService`.
+"""
+
+from ._batching import ItemOutput
+from ._extraction import (
+    CacheHit,
+    CacheMode,
+    Embedding,
+    EmbeddingCache,
+    ExtractionService,
+    ExtractOptions,
+    ExtractResult,
+    input_digest,
+)
+from ._manager import LoadedModel, ModelIdentity, ModelManager, ModelState, model_folder
+
+__all__ = [
+    "CacheHit",
+    "CacheMode",
+    "Embedding",
+    "EmbeddingCache",
+    "ExtractOptions",
+    "ExtractResult",
+    "ExtractionService",
+    "ItemOutput",
+    "LoadedModel",
+    "ModelIdentity",
+    "ModelManager",
+    "ModelState",
+    "input_digest",
+    "model_folder",
+]

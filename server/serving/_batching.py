@@ -1,0 +1,184 @@
+"""Dynamic batching: coalesce concurrent inputs of one model into batches, run by one or more
+worker threads ("inference lanes").
+
+A batch waits for more items only while admitted inputs are still being decoded (they are known
+to be on their way), at most `max_queue_delay_s` after the oldest item arrived, and never beyond
+`max_batch_size` items: a lone request runs at once instead of paying the delay. Items may ask
+for different layers: the batch runs once with the union and each item keeps its own. The queue
+is bounded: admission (`reserve`) refuses inputs at once with `Overloaded` (RESOURCE_EXHAUSTED)
+instead of growing memory. A cancelled item (deadline, client gone) that has not started is
+dropped without running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._errors import Overloaded, Unavailable
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    outputs: dict[str, np.ndarray]  # layer -> this item's output (a view into the batch output)
+    queue_seconds: float
+    inference_seconds: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    tensor: np.ndarray
+    layers: tuple[str, ...]
+    future: Future[ItemOutput]
+    enqueued: float
+
+
+class DynamicBatcher:
+    """One worker thread per model; `submit` is thread-safe and never blocks."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_items: int,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_queue_delay_s = max(0.0, max_queue_delay_s)
+        self.max_queue_items = max(1, max_queue_items)
+        self._on_batch = on_batch
+        self._on_depth = on_depth
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._reserved = 0  # admitted inputs: decoding, queued or running
+        self._running = 0  # inputs in batches being run
+        # Several workers ("inference lanes") run batches side by side: on few CPU cores one
+        # single-threaded forward pass per core beats one multi-threaded pass (see _frameworks).
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, tensor: np.ndarray, layers: Sequence[str]) -> Future[ItemOutput]:
+        future: Future[ItemOutput] = Future()
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model {self.name} is unloading; retry on another version")
+            if len(self._queue) >= self.max_queue_items:
+                raise Overloaded(
+                    f"model {self.name}: {len(self._queue)} inputs are already queued (limit "
+                    f"{self.max_queue_items}); retry with backoff"
+                )
+            self._queue.append(_Item(tensor, tuple(layers), future, time.perf_counter()))
+            depth = len(self._queue)
+            self._cond.notify()
+        if self._on_depth:
+            self._on_depth(depth)
+        return future
+
+    @contextmanager
+    def reserve(self, count: int) -> Iterator[None]:
+        """Admission: holds `count` of the `max_queue_items` slots while those inputs are
+        decoded, queued and run. Refused at once, before any decoding, when they don't fit, so
+        memory stays bounded however many clients call."""
+        with self._cond:
+            if self._reserved + count > self.max_queue_items:
+                in_flight = self._reserved
+                raise Overloaded(
+                    f"model {self.name}: {in_flight} of {self.max_queue_items} input slots are "
+                    f"in use, {count} more don't fit; retry with backoff"
+                )
+            self._reserved += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._reserved -= count
+                self._cond.notify_all()  # fewer inputs on their way: a waiting batch may go
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stops accepting; items already queued still run. Waits for the worker to finish."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _take_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None  # closed and drained
+            deadline = self._queue[0].enqueued + self.max_queue_delay_s
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                on_the_way = self._reserved - len(self._queue) - self._running
+                remaining = deadline - time.perf_counter()
+                if on_the_way <= 0 or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            count = min(self.max_batch_size, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(count)]
+            self._running += count
+            depth = len(self._queue)
+        if self._on_depth:
+            self._on_depth(depth)
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if live:
+                self._run(live)
+            with self._cond:
+                self._running -= len(batch)
+
+    def _run(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            layers = sorted({layer for item in items for layer in item.layers})
+            stacked = np.stack([item.tensor for item in items])
+            outputs = self._run_batch(stacked, layers)
+        except BaseException as exc:
+            for item in items:
+                item.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - started
+        if self._on_batch:
+            self._on_batch(len(items), seconds)
+        for i, item in enumerate(items):
+            item.future.set_result(
+                ItemOutput(
+                    outputs={layer: outputs[layer][i] for layer in item.layers},
+                    queue_seconds=started - item.enqueued,
+                    inference_seconds=seconds,
+                    batch_size=len(items),
+                )
+            )
