@@ -74,16 +74,16 @@ class Application:
         self.models = ModelManager(self.registry, settings, self.device)
         workers = settings.decode_workers or available_cores()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self.extraction = ExtractionService(self.models, settings, self.executor)
         self.cache: LmdbCache | None = open_cache(self.settings)  # None with --cache false
-        self.extraction.cache = self.cache
-        # Collections are recovered from their snapshots and logs here.
-        self.index = IndexManager(self.settings, self.registry, self.models, self.extraction)
-        # Load-time checks gate SERVING; the rest run on the monitor's thread, and cache hits
-        # are sampled for recomputation.
+        # Load-time checks gate SERVING; the rest run on the monitor's thread, and it audits a
+        # sample of the cache hits that extraction serves.
         self.monitor = ConsistencyMonitor(self.settings, self.models, self.registry, self.cache)
         self.monitor.attach()
-        self.extraction.auditor = self.monitor
+        self.extraction = ExtractionService(
+            self.models, settings, self.executor, self.cache, auditor=self.monitor
+        )
+        # Collections are recovered from their snapshots and logs here.
+        self.index = IndexManager(self.settings, self.registry, self.models, self.extraction)
         pairs = parse_pairs(self.settings.parity_pairs, self.registry)
         self.parity = (
             ParityMonitor(self.models, pairs, self.settings.check_interval_s) if pairs else None

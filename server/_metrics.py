@@ -9,7 +9,7 @@ the process collector is registered on it too.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,7 +27,6 @@ PREFIX = "embedwarden"
 # 100 us .. ~105 s, factor 2.
 LATENCY_BUCKETS = tuple(0.0001 * 2**i for i in range(21))
 BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 .. 1024
-STAGES = ("cache", "queue", "preprocess", "inference", "total")
 
 
 class Metrics:
@@ -229,7 +228,7 @@ class Metrics:
     def set_flags(self, flags: Mapping[str, str]) -> None:
         self.process_flags.info(dict(flags))
 
-    def forget_model(self, model: str, version: str, layers: Iterable[str] = ()) -> None:
+    def forget_model(self, model: str, version: str) -> None:
         """Drops per-model gauges of an unloaded model so dashboards don't show stale values."""
         self.model_serving.labels(model, version).set(0)
         self.queue_depth.labels(model, version).set(0)

@@ -162,3 +162,32 @@ def test_models_load_and_unload_at_run_time(strict_server, photos):
 
         with pytest.raises(FailedPrecondition):
             client.extract([photos["coffee"]], f"{MODEL}@2")
+
+
+def test_a_load_that_hits_a_bug_is_internal_and_the_server_recovers(tmp_path, photos, monkeypatch):
+    """A bug while loading is INTERNAL with a generic message (the traceback stays in the log),
+    never FAILED_PRECONDITION carrying the exception's text; a later load works."""
+    from embedwarden.client import InternalError
+    from embedwarden.server.backbones import TorchBackbone
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("secret detail of a bug")
+
+    server = ServerThread(make_settings(tmp_path / "data", models=()))
+    server.start()
+    try:
+        with Client(server.address) as client:
+            with monkeypatch.context() as patch:
+                patch.setattr(TorchBackbone, "__init__", broken)
+                with pytest.raises(InternalError) as error:
+                    client.load_model(MODEL)
+            assert "RuntimeError" in str(error.value) and "secret" not in str(error.value)
+            state = next(m for m in client.list_models() if m.identity.name == MODEL)
+            assert "internal error (RuntimeError)" in state.state_detail
+            assert "secret" not in state.state_detail
+            assert client.health(f"model:{MODEL}@1") == "NOT_SERVING"
+            client.load_model(MODEL)
+            assert client.health(f"model:{MODEL}@1") == "SERVING"
+            assert client.extract([photos["coffee"]], MODEL).array.shape == (1, 1280)
+    finally:
+        server.stop()

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from embedwarden.server import FailedPrecondition
-from embedwarden.server.cache import _db as cache_db
 from embedwarden.server._metrics import METRICS
+from embedwarden.server.cache import _db as cache_db
 from embedwarden.server.cache._lmdb import LmdbCache, verify_cache
 
 FP_A = hashlib.sha256(b"version A").hexdigest()

@@ -22,10 +22,10 @@ from helpers import make_settings, run_cli
 from PIL import Image
 
 from embedwarden.client import Client, FailedPrecondition, ResourceExhausted
-from embedwarden.server.models import _preprocess as preprocess
 from embedwarden.server import build_registry
 from embedwarden.server._metrics import METRICS
 from embedwarden.server.consistency._report import Outcome
+from embedwarden.server.models import _preprocess as preprocess
 from embedwarden.server.models._weights import locate_and_verify
 from embedwarden.server.testing import ServerThread
 from embedwarden.v1 import admin_pb2
@@ -223,6 +223,37 @@ def test_preprocessing_drift_in_a_live_model_fails_preprocess_and_coload(fault_s
     assert passed("lite_b", "preprocess") == 0.0 and passed("lite_b", "coload") == 0.0
     assert rows(report, "weights")[0].passed  # the weights did not change
     assert rows(report, "restart")[0].passed  # the load-time verdict stays as it was
+
+
+def test_a_failing_weights_sample_is_counted_logged_and_sampling_goes_on(
+    fault_server, photos, monkeypatch, caplog
+):
+    """A backbone bug in the weights sampler surfaces (metric + log) instead of silently
+    stopping the sampling of that model."""
+    model = fault_server.app.models.get("lite_b")
+    labels = {"model": "lite_b", "version": "1", "check": "weights"}
+    before = METRICS.sample("embedwarden_consistency_failures_total", labels) or 0.0
+
+    def broken() -> str:
+        raise RuntimeError("checksum bug")
+
+    with Client(fault_server.address) as client, caplog.at_level("ERROR"):
+        with monkeypatch.context() as patch:
+            patch.setattr(model.backbone, "state_checksum", broken)
+            client.extract([photos["coffee"]], "lite_b", cache="off")
+            wait_for(
+                lambda: (
+                    (METRICS.sample("embedwarden_consistency_failures_total", labels) or 0) > before
+                )
+            )
+        assert "sampling the in-memory weights failed" in caplog.text
+        # Sampling goes on once the bug is gone: the next batch is sampled, with no failure.
+        sampled = fault_server.app.monitor._watches[("lite_b", "1")].last_weights_at
+        client.extract([photos["astronaut"]], "lite_b", cache="off")
+        wait_for(
+            lambda: fault_server.app.monitor._watches[("lite_b", "1")].last_weights_at > sampled
+        )
+    assert METRICS.sample("embedwarden_consistency_failures_total", labels) == before + 1
 
 
 def test_batchnorm_switched_to_training_mode_is_a_mutation(fault_server, photos):

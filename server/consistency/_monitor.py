@@ -54,6 +54,7 @@ from . import _report as report
 from ._audit import audit_hits
 from ._canaries import CANARY_SET_VERSION, canaries
 from ._checks import (
+    CanaryPass,
     Diff,
     GoldenComparison,
     batch_check,
@@ -347,34 +348,17 @@ class ConsistencyMonitor:
             return None, str(exc)
 
     def _check_at_load(self, model: LoadedModel) -> _Watch:
+        """Every check once, at load: the canaries against the golden record (made now on a
+        first load), which are also the first co-load measurement."""
         ident, manifest = model.identity, model.manifest
         started = time.perf_counter()
-        checksum = model.backbone.state_checksum()
-        watch = _Watch(ident, model, checksum, time.perf_counter() - started)
-        watch.last_checksum = checksum
-        with self._lock:
-            self._watches[watch.key] = watch
+        watch = self._new_watch(model)
         env = environment(model.device, manifest)
         golden, problem = self._find_golden(ident, manifest.canonical())
         run = run_canaries(model, canaries())
         recorded_now = False
         if golden is None and not problem:
-            record = GoldenRecord(
-                name=ident.name,
-                version=ident.version,
-                fingerprint=ident.fingerprint,
-                weights_sha256=ident.weights_sha256,
-                manifest=manifest.canonical(),
-                environment=env,
-                state_checksum=checksum,
-                recorded_at=time.time(),
-                canary_set=CANARY_SET_VERSION,
-                embeddings=run.embeddings,
-            )
-            golden = self.store.save(record)
-            recorded_now = golden.recorded_at == record.recorded_at
-            if recorded_now:  # the record must reproduce: embed one canary again, exactly
-                run = run_canaries(model, canaries(), only=[0])
+            golden, run, recorded_now = self._record_golden(model, watch, env, run)
         if golden is not None and golden.fingerprint == ident.fingerprint:
             watch.golden = golden
         changes = env_changes(golden.environment, env, manifest.framework) if golden else []
@@ -390,31 +374,11 @@ class ConsistencyMonitor:
         else:
             comparison = compare_golden(run.embeddings, golden.embeddings, manifest, tol)
         rows.append(self._preprocess_row(ident, comparison, now))
-        if recorded_now:
-            context = "golden record made now (first load of this version); canary re-embedded"
-            context += f" ({run.embeddings.ids[0]}) and compared exactly"
-        elif golden is not None:
-            context = (
-                f"{len(comparison.compared)} canaries vs the golden record of "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(golden.recorded_at))} UTC; "
-                + _env_words(changes)
-            )
-            if comparison.skipped:
-                context += f"; inputs changed, not compared: {comparison.skipped}"
-        else:
-            context = ""
+        context = _restart_context(golden, comparison, changes, run, recorded_now)
         restart = report.layer_rows(ident, "restart", comparison.layers, tol, now, bool(problem))
         rows += restart
         rows.append(report.summary(ident, "restart", restart, tol, context, now, problem))
-        # The same numbers are the first co-load measurement: this model next to the others.
-        others = [m.identity.ref for m in self.models.loaded() if m is not model]
-        coload = [replace(o, check="coload") for o in restart]
-        rows += coload
-        rows.append(
-            report.summary(
-                ident, "coload", coload, tol, f"at load; {_others(others)}", now, problem
-            )
-        )
+        rows += self._coload_at_load_rows(model, restart, tol, now, problem)
         rows.append(self._flags_row(ident, now))
         seconds = time.perf_counter() - started
         self._publish(watch, rows, {"restart": seconds})
@@ -427,6 +391,52 @@ class ConsistencyMonitor:
             f"; {problem}" if problem else "",
         )
         return watch
+
+    def _new_watch(self, model: LoadedModel) -> _Watch:
+        """Starts watching a model: its in-memory checksum now is the reference."""
+        started = time.perf_counter()
+        checksum = model.backbone.state_checksum()
+        watch = _Watch(model.identity, model, checksum, time.perf_counter() - started)
+        watch.last_checksum = checksum
+        with self._lock:
+            self._watches[watch.key] = watch
+        return watch
+
+    def _record_golden(
+        self, model: LoadedModel, watch: _Watch, env: dict[str, str], run: CanaryPass
+    ) -> tuple[GoldenRecord, CanaryPass, bool]:
+        """Saves this run as the version's golden record. When this process's record is the
+        one kept (another may have won the race), one canary is embedded again so that the
+        record is compared with something: it must reproduce exactly."""
+        ident = model.identity
+        record = GoldenRecord(
+            name=ident.name,
+            version=ident.version,
+            fingerprint=ident.fingerprint,
+            weights_sha256=ident.weights_sha256,
+            manifest=model.manifest.canonical(),
+            environment=env,
+            state_checksum=watch.reference_checksum,
+            recorded_at=time.time(),
+            canary_set=CANARY_SET_VERSION,
+            embeddings=run.embeddings,
+        )
+        golden = self.store.save(record)
+        recorded_now = golden.recorded_at == record.recorded_at
+        if recorded_now:
+            run = run_canaries(model, canaries(), only=[0])
+        return golden, run, recorded_now
+
+    def _coload_at_load_rows(
+        self, model: LoadedModel, restart: list[Outcome], tol: Tolerance, now: float, problem: str
+    ) -> list[Outcome]:
+        """The restart numbers double as the first co-load measurement: this model next to
+        the others loaded now."""
+        others = [m.identity.ref for m in self.models.loaded() if m is not model]
+        coload = [replace(o, check="coload") for o in restart]
+        context = f"at load; {_others(others)}"
+        summary = report.summary(model.identity, "coload", coload, tol, context, now, problem)
+        return [*coload, summary]
 
     def _weights_row(
         self, watch: _Watch, golden: GoldenRecord | None, problem: str, now: float
@@ -547,15 +557,21 @@ class ConsistencyMonitor:
 
     def _sample_weights(self, watch: _Watch, follow_up: bool = True) -> None:
         """Re-takes the in-memory checksum; a change since the last one is a mutation."""
+        ident = watch.identity
         try:
-            t0 = time.perf_counter()
-            checksum = watch.model.backbone.state_checksum()
-            seconds = time.perf_counter() - t0
-            training = self._training_row(watch.model, time.time())
-        except Exception:  # released meanwhile (unloaded)
+            with watch.model.use():  # an unload waits for the sample to finish
+                t0 = time.perf_counter()
+                checksum = watch.model.backbone.state_checksum()
+                seconds = time.perf_counter() - t0
+                training = self._training_row(watch.model, time.time())
+        except Unavailable:  # being unloaded: nothing left to sample
             watch.weights_pending = False
             return
-        ident = watch.identity
+        except Exception:  # a backbone bug: surfaced, and sampling goes on
+            watch.weights_pending = False
+            METRICS.check_failures.labels(ident.name, ident.version, "weights").inc()
+            log.exception("%s: sampling the in-memory weights failed", ident.ref)
+            return
         with self._lock:
             watch.checksum_seconds = seconds
             watch.last_weights_at = time.monotonic()
@@ -674,6 +690,31 @@ class ConsistencyMonitor:
 
 def _input_bytes(source: ImageSource) -> int:
     return len(source.data) if isinstance(source, RawImage) else len(source)
+
+
+def _restart_context(
+    golden: GoldenRecord | None,
+    comparison: GoldenComparison,
+    changes: list[str],
+    run: CanaryPass,
+    recorded_now: bool,
+) -> str:
+    """What the restart row compared, in words."""
+    if recorded_now:
+        return (
+            "golden record made now (first load of this version); canary re-embedded "
+            f"({run.embeddings.ids[0]}) and compared exactly"
+        )
+    if golden is None:
+        return ""
+    recorded = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(golden.recorded_at))
+    context = (
+        f"{len(comparison.compared)} canaries vs the golden record of {recorded} UTC; "
+        + _env_words(changes)
+    )
+    if comparison.skipped:
+        context += f"; inputs changed, not compared: {comparison.skipped}"
+    return context
 
 
 def _others(refs: list[str]) -> str:

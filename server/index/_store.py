@@ -253,16 +253,3 @@ class IndexStore:
         if not index_path.is_file() or index_path.stat().st_size != meta["index_bytes"]:
             raise CorruptLog(f"snapshot {seq} of collection {uid}: index file missing or torn")
         return Snapshot(seq, index_path, meta)
-
-    def log_bytes(self, uid: str) -> int:
-        """Bytes of log entries not yet covered by a snapshot (for metrics and tests)."""
-        prefix = bytes.fromhex(uid)
-        total = 0
-        with self.env.begin(db=self._log) as txn:
-            cursor = txn.cursor()
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if key[: len(prefix)] != prefix:
-                        break
-                    total += len(value)
-        return total

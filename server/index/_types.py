@@ -38,10 +38,6 @@ class Metric(StrEnum):
     INNER_PRODUCT = "ip"
     L2 = "l2"  # scores are squared Euclidean distances (lower is closer)
 
-    @property
-    def higher_is_closer(self) -> bool:
-        return self is not Metric.L2
-
 
 class IndexKind(StrEnum):
     FLAT = "flat"

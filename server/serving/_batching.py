@@ -47,7 +47,8 @@ class _Item:
 
 
 class DynamicBatcher:
-    """One worker thread per model; `submit` is thread-safe and never blocks."""
+    """The queue of one model, drained by `workers` threads (inference lanes); `submit` is
+    thread-safe and never blocks."""
 
     def __init__(
         self,

@@ -98,7 +98,7 @@ class PlannedLayer:
 
 
 class EmbeddingCache(Protocol):
-    """What extraction needs from the cache (the LMDB implementation lives in the `cache` package)."""
+    """What extraction needs from the cache (the LMDB implementation: the `cache` package)."""
 
     def keys(
         self,
@@ -169,13 +169,14 @@ class ExtractionService:
         models: ModelManager,
         settings: Settings,
         executor: Executor,
-        cache: EmbeddingCache | None = None,
+        cache: EmbeddingCache | None,
+        auditor: CacheAuditor,
     ) -> None:
         self.models = models
         self.settings = settings
         self.executor = executor
-        self.cache = cache
-        self.auditor: CacheAuditor | None = None
+        self.cache = cache  # None: the server runs without a cache
+        self.auditor = auditor
 
     def validate(self, sources: Sequence[ImageSource], options: ExtractOptions) -> None:
         if not sources:
@@ -237,8 +238,7 @@ class ExtractionService:
                     for i, array in enumerate(found[j::width]):
                         if array is not None:
                             results[i][j] = Embedding(name, array, layout, True)
-                if self.auditor is not None:
-                    self._audit(model, sources, plan, options, keys, found)
+                self._audit(model, sources, plan, options, keys, found)
             timings.cache = time.perf_counter() - t0
 
         todo = [i for i, row in enumerate(results) if None in row]
@@ -286,7 +286,6 @@ class ExtractionService:
     ) -> None:
         """Hands the auditor its sample of this request's lookups that were hits (each lookup
         is sampled alike, so each hit is audited with the configured probability)."""
-        assert self.auditor is not None
         width = len(plan)
         hits = [
             CacheHit(sources[f // width], plan[f % width], options, array, keys[f])

@@ -171,10 +171,14 @@ class ModelManager:
         except EmbedwardenError as exc:
             self._fail(key, str(exc))
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug, not the manifest's or the files' fault: INTERNAL
             log.exception("loading %s failed", manifest.ref)
-            self._fail(key, f"{type(exc).__name__}: {exc}")
-            raise FailedPrecondition(f"model {manifest.ref} failed to load: {exc}") from exc
+            self._fail(
+                key,
+                f"internal error ({type(exc).__name__}) while loading; the server log has the "
+                "traceback",
+            )
+            raise
         with self._lock:
             self._entries[key] = _Entry(ModelState.SERVING, "", model)
         METRICS.model_serving.labels(manifest.name, manifest.version).set(1)
