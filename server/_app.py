@@ -75,12 +75,12 @@ class Application:
         workers = settings.decode_workers or available_cores()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self.cache: LmdbCache | None = open_cache(self.settings)  # None with --cache false
-        # Load-time checks gate SERVING; the rest run on the monitor's thread, and it audits a
-        # sample of the cache hits that extraction serves.
+        # Load-time checks gate SERVING; the rest run on the monitor's thread, which also
+        # recomputes a sample of the cache hits that extraction serves.
         self.monitor = ConsistencyMonitor(self.settings, self.models, self.registry, self.cache)
         self.monitor.attach()
         self.extraction = ExtractionService(
-            self.models, settings, self.executor, self.cache, auditor=self.monitor
+            self.models, settings, self.executor, self.cache, auditor=self.monitor.audits
         )
         # Collections are recovered from their snapshots and logs here.
         self.index = IndexManager(self.settings, self.registry, self.models, self.extraction)

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import threading
 import time
-from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,10 +46,10 @@ from .._errors import ConsistencyFailure, FailedPrecondition, Overloaded, Unavai
 from .._frameworks import process_flags
 from .._metrics import METRICS
 from .._settings import Settings
-from ..models import ImageSource, RawImage, Registry
+from ..models import Registry
 from ..serving import CacheHit, EmbeddingCache, LoadedModel, ModelIdentity, ModelManager, ModelState
 from . import _report as report
-from ._audit import audit_hits
+from ._audit import AuditQueue, audit_hits
 from ._canaries import CANARY_SET_VERSION, canaries
 from ._checks import (
     CanaryPass,
@@ -79,7 +77,6 @@ log = logging.getLogger(__name__)
 GATING = ("weights", "training_mode", "preprocess", "restart")
 WEIGHTS_COST_FACTOR = 100.0  # sampled checksums use at most ~1% of one core
 MIN_WEIGHTS_INTERVAL_S = 1.0
-AUDIT_QUEUE_BYTES = 64 << 20  # inputs of sampled hits awaiting recomputation; more: dropped
 
 
 @dataclass
@@ -114,7 +111,8 @@ def _hold(stack: ExitStack, model: LoadedModel) -> bool:
 
 class ConsistencyMonitor:
     """Owns the golden store, the checks' state and their metrics. `attach` hooks it into the
-    model manager (before_serving, after_batch, on_change); `audit` is an extraction audit hook."""
+    model manager (before_serving, after_batch, on_change); `audits` is extraction's cache
+    auditor."""
 
     def __init__(
         self,
@@ -133,13 +131,12 @@ class ConsistencyMonitor:
         self._run_lock = threading.Lock()  # one canary run at a time: they compete for cores
         self._on_demand = threading.BoundedSemaphore(2)  # CheckConsistency: 1 running, 1 waiting
         self._watches: dict[tuple[str, str], _Watch] = {}
-        self._audits: deque[tuple[LoadedModel, list[CacheHit], int]] = deque()
-        self._audit_bytes = 0
-        self._random = random.Random()
-        # Token bucket: the audit may recompute at most cache_audit_max_per_s inputs per second,
-        # so that a heavy cache-hit load cannot turn the audit into the main consumer of CPU.
-        self._audit_tokens = max(1.0, settings.cache_audit_max_per_s)
-        self._audit_refilled = time.monotonic()
+        # Extraction's cache auditor: sampled hits are recomputed on this monitor's thread.
+        self.audits = AuditQueue(
+            settings.cache_audit_fraction,
+            settings.cache_audit_max_per_s,
+            wake=lambda: self._worker.submit("audit", self._run_audits),
+        )
         self._flags_baseline = process_flags()
         self._flags_last = dict(self._flags_baseline)
         METRICS.set_flags(self._flags_baseline)
@@ -202,59 +199,6 @@ class ConsistencyMonitor:
                     if watch.state == "checking" and state is ModelState.FAILED:
                         watch.state = "failed"
             self._schedule_coload()  # a loader that failed half-way may have changed globals
-
-    def sample(self, count: int) -> list[int]:
-        """On the request path: which of `count` cache lookups to recompute if they hit."""
-        fraction = self.settings.cache_audit_fraction
-        if fraction <= 0:
-            return []
-        if fraction >= 1:
-            return list(range(count))
-        draw = self._random.random
-        return [i for i in range(count) if draw() < fraction]
-
-    def audit(self, model: LoadedModel, chosen: list[CacheHit]) -> None:
-        """On the request path: queues sampled hits for recomputation, within the budget."""
-        if not chosen:
-            return
-        sources = {id(h.source): h.source for h in chosen}
-        allowed = self._take_audit_tokens(len(sources))
-        if allowed < len(sources):
-            kept = set(list(sources)[:allowed])
-            skipped = [h for h in chosen if id(h.source) not in kept]
-            METRICS.cache_audit_skipped.labels(model.identity.name, model.identity.version).inc(
-                len(skipped)
-            )
-            chosen = [h for h in chosen if id(h.source) in kept]
-            sources = {k: v for k, v in sources.items() if k in kept}
-            if not chosen:
-                return
-        size = sum(_input_bytes(s) for s in sources.values())
-        with self._lock:
-            if self._audit_bytes + size > AUDIT_QUEUE_BYTES:
-                log.debug(
-                    "%s: cache audit queue full; %d hits not audited",
-                    model.identity.ref,
-                    len(chosen),
-                )
-                return
-            self._audit_bytes += size
-            self._audits.append((model, chosen, size))
-        self._worker.submit("audit", self._run_audits)
-
-    def _take_audit_tokens(self, wanted: int) -> int:
-        """How many of `wanted` recomputations the budget allows now (taken from it)."""
-        rate = self.settings.cache_audit_max_per_s
-        with self._lock:
-            now = time.monotonic()
-            capacity = max(1.0, rate)
-            self._audit_tokens = min(
-                capacity, self._audit_tokens + (now - self._audit_refilled) * rate
-            )
-            self._audit_refilled = now
-            granted = min(wanted, int(self._audit_tokens))
-            self._audit_tokens -= granted
-            return granted
 
     # --- on demand ---------------------------------------------------------------------
 
@@ -606,12 +550,9 @@ class ConsistencyMonitor:
     # --- cache audit -----------------------------------------------------------------------
 
     def _run_audits(self) -> None:
-        while True:
+        while (queued := self.audits.take()) is not None:
+            model, hits = queued
             with self._lock:
-                if not self._audits:
-                    return
-                model, hits, size = self._audits.popleft()
-                self._audit_bytes -= size
                 watch = self._watches.get((model.identity.name, model.identity.version))
             if watch is None or watch.model is not model:
                 continue
@@ -686,10 +627,6 @@ class ConsistencyMonitor:
                 return
             del self._watches[watch.key]
             report.forget(watch.identity, list(watch.results))
-
-
-def _input_bytes(source: ImageSource) -> int:
-    return len(source.data) if isinstance(source, RawImage) else len(source)
 
 
 def _restart_context(
