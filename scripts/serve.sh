@@ -8,7 +8,9 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-python -c "import embedwarden.server" 2>/dev/null || {
+# Reinstalls when the package or its console script is missing or stale (e.g. an entry point
+# that moved since the last install).
+{ python -c "import embedwarden.server" && embedwarden --help; } >/dev/null 2>&1 || {
     python -m pip install -q --upgrade pip
     python -m pip install -q -e '.[server]'
 }
