@@ -513,8 +513,8 @@ class ConsistencyMonitor:
             return
         except Exception:  # a backbone bug: surfaced, and sampling goes on
             watch.weights_pending = False
-            METRICS.check_failures.labels(ident.name, ident.version, "weights").inc()
             log.exception("%s: sampling the in-memory weights failed", ident.ref)
+            METRICS.check_failures.labels(ident.name, ident.version, "weights").inc()
             return
         with self._lock:
             watch.checksum_seconds = seconds
