@@ -27,6 +27,22 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **params: object) -> bytes:
     return buf.getvalue()
 
 
+def assert_close(actual: object, expected: object, rel: float, what: str = "") -> None:
+    """Asserts max|actual - expected| <= rel * max|expected| (same shapes, no NaN).
+
+    Float32 rounding grows with the magnitude of the values and moves with the SIMD path
+    (AVX-512/AMX vs AVX2 kernels, blocking, thread count): an absolute tolerance that holds on
+    values of order 1 on one CPU fails on logits of order 10 on another. The scale is the largest
+    magnitude of the reference, floored at float32's smallest normal so a zero reference works."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shapes differ: {a.shape} vs {e.shape}"
+    d = float(np.abs(a - e).max(initial=0.0))
+    scale = max(float(np.abs(e).max(initial=0.0)), float(np.finfo(np.float32).tiny))
+    assert d <= rel * scale, (
+        f"{what}: max|d| {d:.3g} > {rel:g} * max|ref| {scale:.3g} (ratio {d / scale:.3g})"
+    )
+
+
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "port": 0,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from embedwarden.client import Client, EmbedwardenError
 from embedwarden.server.cache._db import CacheDB, VerifyReport
@@ -80,7 +81,10 @@ def read_back(address: str, inputs: list[np.ndarray], acked: dict[int, dict[str,
                         hits += 1
                     else:
                         expected = np.frombuffer(acked[i][layer], got.dtype).reshape(got.shape)
-                        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+                        # Recomputed in a batch of 16, acked alone: full maps and logits move
+                        # by up to 4.2e-6 of max|ref| with batch composition (measured
+                        # in-process, AVX-512 and AVX2, 1 or 2 threads); 10x margin.
+                        assert_close(got, expected, rel=5e-5, what=f"input {i} {layer}")
     return hits
 
 

@@ -93,7 +93,8 @@ def check(client: Client, name: str, state: Expected, fingerprint: str) -> None:
     # Every acknowledged id is there (a missing one fails the whole request with NOT_FOUND).
     for start in range(0, len(acked), 1000):
         client.search(name, ids=acked[start : start + 1000], k=1)
-    # ... with its latest acknowledged vector: its own nearest neighbour at cosine 1.
+    # ... with its latest acknowledged vector: its own nearest neighbour at cosine 1 (lowest
+    # measured 1 - 6e-7 with faiss' AVX-512 and AVX2 kernels; the floor is 1 - 1e-4).
     op, pending = state.in_flight or ("", [])
     unsure = set(pending) if op == "replace" else set()
     sure = [i for i in acked if i not in unsure]

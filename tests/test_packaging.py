@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -18,11 +20,16 @@ def test_generated_grpc_code_is_fresh(tmp_path):
         "import generate; print(*('GENERATED ' + str(p) for p in "
         "generate.generate(Path(sys.argv[2]))), sep='\\n')"
     )
+    # This interpreter's bin/ off PATH, as in a venv that is not activated: generate.py finds
+    # the mypy-protobuf plugins by itself.
+    own = {sysconfig.get_path("scripts"), str(Path(sys.executable).parent)}
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p not in own)
     result = subprocess.run(
         [sys.executable, "-c", code, str(ROOT / "proto"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "PATH": path},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     generated = [
@@ -71,3 +78,17 @@ def test_no_absolute_paths_of_a_machine_in_the_repo():
             if any(marker in text for marker in markers):
                 offenders.append(name)
     assert not offenders, offenders
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """A package folder missing from `packages` would be left out of every wheel."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for import_name, folder in tool["package-dir"].items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join((import_name, *rel.parts)))
+    assert found, "no package folders found"
+    assert found <= listed, f"missing from [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed <= found, f"listed without a folder: {sorted(listed - found)}"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import seeded_torchvision_weights
+from helpers import assert_close, seeded_torchvision_weights
 from PIL import Image
 
 from embedwarden.server import WeightsVerificationError, parse_manifest
@@ -52,7 +52,8 @@ def test_layers_match_a_direct_run_of_the_same_weights(resnet18, photo_arrays):
     with torch.inference_mode():
         reference = model(reference_input[None]).numpy()
     ours = backbone.infer(Preprocessor(manifest.preprocess)(image)[None], ["logits", "flatten"])
-    np.testing.assert_allclose(ours["logits"], reference, atol=1e-5, rtol=0)
+    # max|d|/max|ref| measured 3.2e-7 (AVX-512) .. 3.7e-7 (AVX2), 4.1e-7 (no SIMD); 10x margin
+    assert_close(ours["logits"], reference, rel=5e-6, what="logits")
     assert ours["flatten"].shape == (1, 512)
 
 
