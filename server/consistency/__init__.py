@@ -4,7 +4,8 @@
 batch invariance, preprocessing, process flags, cache audit) at load and then periodically;
 `ParityMonitor` compares two models stage by stage. Modules: `_canaries` (the fixed inputs),
 `_golden` (records of a version's first load), `_checks` (running and comparing canaries),
-`_audit` (recomputing sampled cache hits), `_report` (rows and their metrics), `_worker` (the
+`_tolerance` (how numbers are judged), `_audit` (sampling served cache hits and recomputing
+them), `_flags` (process-wide flags), `_report` (rows, their words and metrics), `_worker` (the
 background thread), `_monitor`, `_parity`.
 """
 

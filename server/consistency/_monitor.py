@@ -43,7 +43,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .._errors import ConsistencyFailure, FailedPrecondition, Overloaded, Unavailable
-from .._frameworks import process_flags
 from .._metrics import METRICS
 from .._settings import Settings
 from ..models import Registry
@@ -60,6 +59,7 @@ from ._checks import (
     compare_golden,
     run_canaries,
 )
+from ._flags import FlagWatch
 from ._golden import (
     CanaryEmbeddings,
     GoldenRecord,
@@ -137,9 +137,7 @@ class ConsistencyMonitor:
             settings.cache_audit_max_per_s,
             wake=lambda: self._worker.submit("audit", self._run_audits),
         )
-        self._flags_baseline = process_flags()
-        self._flags_last = dict(self._flags_baseline)
-        METRICS.set_flags(self._flags_baseline)
+        self._flags = FlagWatch()
         self._worker = Worker(settings.check_interval_s, self._periodic)
 
     def attach(self) -> None:
@@ -318,7 +316,7 @@ class ConsistencyMonitor:
         else:
             comparison = compare_golden(run.embeddings, golden.embeddings, manifest, tol)
         rows.append(self._preprocess_row(ident, comparison, now))
-        context = _restart_context(golden, comparison, changes, run, recorded_now)
+        context = report.restart_context(golden, comparison, changes, run, recorded_now)
         restart = report.layer_rows(ident, "restart", comparison.layers, tol, now, bool(problem))
         rows += restart
         rows.append(report.summary(ident, "restart", restart, tol, context, now, problem))
@@ -378,7 +376,7 @@ class ConsistencyMonitor:
         the others loaded now."""
         others = [m.identity.ref for m in self.models.loaded() if m is not model]
         coload = [replace(o, check="coload") for o in restart]
-        context = f"at load; {_others(others)}"
+        context = f"at load; {report.others_words(others)}"
         summary = report.summary(model.identity, "coload", coload, tol, context, now, problem)
         return [*coload, summary]
 
@@ -432,7 +430,7 @@ class ConsistencyMonitor:
         now = time.time()
         layers = report.layer_rows(ident, check, comparison.layers, tol, now)
         others = [m.identity.ref for m in self.models.loaded() if m is not model]
-        context = f"{when}; {_others(others)}; {_env_words(changes)}"
+        context = f"{when}; {report.others_words(others)}; {report.env_words(changes)}"
         rows = [self._preprocess_row(ident, comparison, now), *layers]
         rows.append(report.summary(ident, check, layers, tol, context, now))
         return rows, tol
@@ -568,30 +566,7 @@ class ConsistencyMonitor:
     # --- process flags -----------------------------------------------------------------------
 
     def _flags_row(self, ident: ModelIdentity, now: float) -> Outcome:
-        """Counts flag changes since the last look; fails while flags differ from the start."""
-        current = process_flags()
-        with self._lock:
-            for key, value in current.items():
-                if key not in self._flags_baseline:
-                    self._flags_baseline[key] = value  # a framework imported since: no change
-                elif self._flags_last.get(key) != value:
-                    METRICS.process_flag_changes.labels(key).inc()
-                    log.error(
-                        "process flag %s changed while running: %s -> %s",
-                        key,
-                        self._flags_last.get(key),
-                        value,
-                    )
-            for key in set(self._flags_last) - set(current):
-                METRICS.process_flag_changes.labels(key).inc()
-            if current != self._flags_last:
-                METRICS.set_flags(current)
-            self._flags_last = dict(current)
-            differs = [
-                f"{k} {v} -> {current.get(k, '(absent)')}"
-                for k, v in sorted(self._flags_baseline.items())
-                if current.get(k) != v
-            ]
+        differs = self._flags.observe()
         detail = "as at start" if not differs else "changed since start: " + ", ".join(differs)
         return report.row(ident, "flags", "", report.flag(not differs), STRICT, detail, now)
 
@@ -627,41 +602,3 @@ class ConsistencyMonitor:
                 return
             del self._watches[watch.key]
             report.forget(watch.identity, list(watch.results))
-
-
-def _restart_context(
-    golden: GoldenRecord | None,
-    comparison: GoldenComparison,
-    changes: list[str],
-    run: CanaryPass,
-    recorded_now: bool,
-) -> str:
-    """What the restart row compared, in words."""
-    if recorded_now:
-        return (
-            "golden record made now (first load of this version); canary re-embedded "
-            f"({run.embeddings.ids[0]}) and compared exactly"
-        )
-    if golden is None:
-        return ""
-    recorded = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(golden.recorded_at))
-    context = (
-        f"{len(comparison.compared)} canaries vs the golden record of {recorded} UTC; "
-        + _env_words(changes)
-    )
-    if comparison.skipped:
-        context += f"; inputs changed, not compared: {comparison.skipped}"
-    return context
-
-
-def _others(refs: list[str]) -> str:
-    if not refs:
-        return "no other model loaded"
-    shown = ", ".join(refs[:5]) + (", ..." if len(refs) > 5 else "")
-    return f"{len(refs)} other model(s) loaded ({shown})"
-
-
-def _env_words(changes: list[str]) -> str:
-    if not changes:
-        return "environment as recorded"
-    return "environment changed: " + ", ".join(changes)

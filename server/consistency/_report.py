@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .._metrics import METRICS
 from ..models import Manifest
 from ..serving import ModelIdentity
-from ._checks import Diff
+from ._checks import CanaryPass, Diff, GoldenComparison
+from ._golden import GoldenRecord
 from ._tolerance import EXACT, Tolerance
 
 CHECKS = (
@@ -169,3 +171,44 @@ def ordered(rows: Iterable[Outcome], manifest: Manifest) -> list[Outcome]:
     return sorted(
         rows, key=lambda o: (order.get(o.check, 99), o.layer != "", layers.get(o.layer, -1))
     )
+
+
+# --- words for the rows' details ------------------------------------------------------------
+
+
+def restart_context(
+    golden: GoldenRecord | None,
+    comparison: GoldenComparison,
+    changes: list[str],
+    run: CanaryPass,
+    recorded_now: bool,
+) -> str:
+    """What the restart row compared, in words."""
+    if recorded_now:
+        return (
+            "golden record made now (first load of this version); canary re-embedded "
+            f"({run.embeddings.ids[0]}) and compared exactly"
+        )
+    if golden is None:
+        return ""
+    recorded = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(golden.recorded_at))
+    context = (
+        f"{len(comparison.compared)} canaries vs the golden record of {recorded} UTC; "
+        + env_words(changes)
+    )
+    if comparison.skipped:
+        context += f"; inputs changed, not compared: {comparison.skipped}"
+    return context
+
+
+def others_words(refs: list[str]) -> str:
+    if not refs:
+        return "no other model loaded"
+    shown = ", ".join(refs[:5]) + (", ..." if len(refs) > 5 else "")
+    return f"{len(refs)} other model(s) loaded ({shown})"
+
+
+def env_words(changes: list[str]) -> str:
+    if not changes:
+        return "environment as recorded"
+    return "environment changed: " + ", ".join(changes)
