@@ -192,3 +192,26 @@ def test_a_load_that_hits_a_bug_is_internal_and_the_server_recovers(tmp_path, ph
             assert client.extract([photos["coffee"]], MODEL).array.shape == (1, 1280)
     finally:
         server.stop()
+
+
+def test_every_rpc_is_counted_with_its_final_status_code(strict_server, photos):
+    """The one handler body records each call once, under the code the client saw."""
+    from embedwarden.client import InvalidArgument, NotFound
+    from embedwarden.server._metrics import METRICS
+
+    def count(method: str, code: str) -> float:
+        return METRICS.sample("embedwarden_requests_total", {"method": method, "code": code}) or 0
+
+    before = {c: count("Extract", c) for c in ("OK", "NOT_FOUND", "INVALID_ARGUMENT")}
+    stream_before = count("ExtractStream", "OK")
+    with Client(strict_server.address) as client:
+        client.extract([photos["coffee"]], MODEL)
+        with pytest.raises(NotFound):
+            client.extract([photos["coffee"]], "nope")
+        with pytest.raises(InvalidArgument):
+            client.extract([b"junk"], MODEL)
+        list(client.extract_stream([photos["coffee"]], MODEL))
+    assert count("Extract", "OK") == before["OK"] + 1
+    assert count("Extract", "NOT_FOUND") == before["NOT_FOUND"] + 1
+    assert count("Extract", "INVALID_ARGUMENT") == before["INVALID_ARGUMENT"] + 1
+    assert count("ExtractStream", "OK") == stream_before + 1

@@ -6,7 +6,6 @@ code and message; anything else is a bug, logged with its traceback and reported
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -55,21 +54,33 @@ Resp = TypeVar("Resp")
 Self = TypeVar("Self")
 
 
-@contextlib.asynccontextmanager
-async def _handled(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """The body every handler runs in: errors become status codes, and the request is timed."""
-    start = time.perf_counter()
-    code = grpc.StatusCode.OK
-    try:
-        yield
-    except grpc.aio.AbortError:  # the handler aborted the call itself
-        code = _aborted_code(context)
-        raise
-    except Exception as exc:
-        code, message = describe(exc)
-        await context.abort(code, message)
-    finally:
-        METRICS.observe_request(method, code.name, time.perf_counter() - start)
+class _Handled:
+    """The body every handler runs in: errors become status codes, and the request is timed.
+    (A class rather than a generator-based context manager: this runs on every RPC.)"""
+
+    __slots__ = ("context", "method", "start")
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.start = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: object
+    ) -> bool:
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(error, grpc.aio.AbortError):  # the handler aborted the call itself
+                code = _aborted_code(self.context)
+            elif isinstance(error, Exception):
+                code, message = describe(error)
+                await self.context.abort(code, message)  # raises AbortError
+            return False
+        finally:
+            METRICS.observe_request(self.method, code.name, time.perf_counter() - self.start)
 
 
 def rpc_method(
@@ -85,7 +96,7 @@ def rpc_method(
     ) -> Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
         @functools.wraps(fn)
         async def handler(self: Self, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-            async with _handled(method, context):
+            async with _Handled(method, context):
                 return await fn(self, request, context)
             raise AssertionError("unreachable: context.abort raises")
 
@@ -109,7 +120,7 @@ def rpc_stream_method(
         async def handler(
             self: Self, request_iterator: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Resp]:
-            async with _handled(method, context):
+            async with _Handled(method, context):
                 async for response in fn(self, request_iterator, context):
                     yield response
 
