@@ -15,7 +15,8 @@ from PIL import Image
 from embedwarden.server import ManifestError, build_registry
 from embedwarden.server._frameworks import import_tensorflow
 from embedwarden.server.backbones import load_backbone
-from embedwarden.server.consistency._parity import cosines, to_channels_last
+from embedwarden.server.consistency import to_channels_last
+from embedwarden.server.consistency._checks import cosines
 from embedwarden.server.models._preprocess import Preprocessor
 from embedwarden.server.models._weights import read_verified
 

@@ -19,12 +19,12 @@ from embedwarden.server import InvalidInput, ManifestError, build_registry
 from embedwarden.server import NotFound as ServerNotFound
 from embedwarden.server._metrics import METRICS
 from embedwarden.server.consistency import Tolerance
+from embedwarden.server.consistency._checks import cosines
 from embedwarden.server.consistency._parity import (
     canary_inputs,
     channels_last,
     comparable_layers,
     compare_arrays,
-    cosines,
     parse_pairs,
     to_channels_last,
 )

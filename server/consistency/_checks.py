@@ -36,15 +36,17 @@ class Diff:
     detail: str = ""
 
 
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of [N, ...] arrays, in float64: exactly 1 for identical rows
+    (two zero rows included), 0 where only one row is zero."""
     a2 = a.reshape(len(a), -1).astype(np.float64)
     b2 = b.reshape(len(b), -1).astype(np.float64)
     dot = np.einsum("ij,ij->i", a2, b2)
     norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    identical = (a2 == b2).all(axis=1)  # exactly 1, not 1 - 1e-16 (and 1 for two zero rows)
-    return np.where(identical, 1.0, np.minimum(cos, 1.0))
+    identical = (a2 == b2).all(axis=1)
+    return np.where(identical, 1.0, np.clip(cos, -1.0, 1.0))
 
 
 def compare(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> Diff:
@@ -66,7 +68,7 @@ def compare(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> D
             return Diff(0.0 if same else float("inf"), 1.0 if same else 0.0, same, "non-finite")
         delta = np.abs(a - b)
         max_abs = max(max_abs, float(delta.max()))
-        min_cos = min(min_cos, float(_row_cosines(a, b).min()))
+        min_cos = min(min_cos, float(cosines(a, b).min()))
         if tol.exact:
             passed = passed and actual.tobytes() == expected.tobytes()
         else:

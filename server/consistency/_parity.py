@@ -38,6 +38,7 @@ from .._metrics import METRICS
 from ..models import ImageSource, LayerSpec, Manifest, Registry, decode, parse_model_ref
 from ..serving import ItemOutput, LoadedModel, ModelIdentity, ModelManager
 from ._canaries import canaries
+from ._checks import cosines
 from ._tolerance import Tolerance
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,6 @@ def to_channels_last(batch: np.ndarray, layout: str) -> np.ndarray:
         return batch
     order = [0, *(1 + layout.index(axis) for axis in target)]
     return np.ascontiguousarray(batch.transpose(order))
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-item cosine similarity of [N, ...] arrays, in float64. Two zero vectors count as 1."""
-    fa = a.reshape(len(a), -1).astype(np.float64)
-    fb = b.reshape(len(b), -1).astype(np.float64)
-    dot = np.einsum("ij,ij->i", fa, fb)
-    norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
-    both_zero = (np.linalg.norm(fa, axis=1) == 0) & (np.linalg.norm(fb, axis=1) == 0)
-    out = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    return np.where(both_zero, 1.0, np.clip(out, -1.0, 1.0))
 
 
 def compare_arrays(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -27,15 +26,14 @@ from ..serving import ExtractionService, ModelManager
 from . import _convert as convert
 from ._status import describe, rpc_method, rpc_stream_method
 
-log = logging.getLogger(__name__)
-
 STREAM_WINDOW = 4  # stream messages processed concurrently; responses stay in order
 MAX_PING_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
-def model_summary(
+def summarize(
     manifest: Manifest, models: ModelManager, registry: Registry
 ) -> embedding_pb2.ModelSummary:
+    """A model version's summary as clients see it: its state now and whether it is the default."""
     state, detail = models.state(manifest)
     return convert.model_summary(manifest, state, detail, registry.is_default(manifest))
 
@@ -145,7 +143,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self, request: embedding_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> embedding_pb2.ListModelsResponse:
         return embedding_pb2.ListModelsResponse(
-            models=[model_summary(m, self.models, self.registry) for m in self.registry.all()]
+            models=[summarize(m, self.models, self.registry) for m in self.registry.all()]
         )
 
     @rpc_method("DescribeModel")
@@ -154,7 +152,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     ) -> embedding_pb2.DescribeModelResponse:
         name, version = convert.model_ref(request.model)
         manifest = self.registry.resolve(name, version)
-        summary = model_summary(manifest, self.models, self.registry)
+        summary = summarize(manifest, self.models, self.registry)
         return convert.describe_model(manifest, summary, self.device)
 
     @rpc_method("Ping")
@@ -188,7 +186,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         name, version = convert.model_ref(request.model)
         model = await asyncio.to_thread(self.models.load, name, version)
         return admin_pb2.LoadModelResponse(
-            model=model_summary(model.manifest, self.models, self.registry),
+            model=summarize(model.manifest, self.models, self.registry),
             load_seconds=model.load_seconds,
         )
 
