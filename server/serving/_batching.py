@@ -8,6 +8,11 @@ for different layers: the batch runs once with the union and each item keeps its
 is bounded: admission (`reserve`) refuses inputs at once with `Overloaded` (RESOURCE_EXHAUSTED)
 instead of growing memory. A cancelled item (deadline, client gone) that has not started is
 dropped without running.
+
+Background items (verification and its diagnosis, which may be hundreds of inputs) queue apart:
+a lane takes them only when no foreground item waits, at most `background_batch_size` at a time
+and on one lane at a time, so a foreground request always finds a lane free of them within one
+small batch and its latency stays near idle.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class _Item:
     layers: tuple[str, ...]
     future: Future[ItemOutput]
     enqueued: float
+    background: bool = False
 
 
 class DynamicBatcher:
@@ -61,6 +67,7 @@ class DynamicBatcher:
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         workers: int = 1,
+        background_batch_size: int = 2,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -69,10 +76,14 @@ class DynamicBatcher:
         self.max_queue_items = max(1, max_queue_items)
         self._on_batch = on_batch
         self._on_depth = on_depth
+        self.background_batch_size = max(1, background_batch_size)
         self._queue: deque[_Item] = deque()
+        self._background: deque[_Item] = deque()
+        self._background_lanes = 0  # lanes running a background batch now (0 or 1)
         self._cond = threading.Condition()
         self._closed = False
         self._reserved = 0  # admitted inputs: decoding, queued or running
+        self._reserved_background = 0
         self._running = 0  # inputs in batches being run
         # Several workers ("inference lanes") run batches side by side: on few CPU cores one
         # single-threaded forward pass per core beats one multi-threaded pass (see _frameworks).
@@ -85,43 +96,54 @@ class DynamicBatcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._background)
 
-    def submit(self, tensor: np.ndarray, layers: Sequence[str]) -> Future[ItemOutput]:
+    def submit(
+        self, tensor: np.ndarray, layers: Sequence[str], background: bool = False
+    ) -> Future[ItemOutput]:
         future: Future[ItemOutput] = Future()
         with self._cond:
             if self._closed:
                 raise Unavailable(f"model {self.name} is unloading; retry on another version")
-            if len(self._queue) >= self.max_queue_items:
+            queue = self._background if background else self._queue
+            if len(queue) >= self.max_queue_items:
                 raise Overloaded(
-                    f"model {self.name}: {len(self._queue)} inputs are already queued (limit "
+                    f"model {self.name}: {len(queue)} inputs are already queued (limit "
                     f"{self.max_queue_items}); retry with backoff"
                 )
-            self._queue.append(_Item(tensor, tuple(layers), future, time.perf_counter()))
-            depth = len(self._queue)
-            self._cond.notify()
+            queue.append(_Item(tensor, tuple(layers), future, time.perf_counter(), background))
+            depth = len(self._queue) + len(self._background)
+            self._cond.notify_all() if background else self._cond.notify()
         if self._on_depth:
             self._on_depth(depth)
         return future
 
     @contextmanager
-    def reserve(self, count: int) -> Iterator[None]:
+    def reserve(self, count: int, background: bool = False) -> Iterator[None]:
         """Admission: holds `count` of the `max_queue_items` slots while those inputs are
         decoded, queued and run. Refused at once, before any decoding, when they don't fit, so
-        memory stays bounded however many clients call."""
+        memory stays bounded however many clients call. Background inputs have slots of their
+        own: they never make a foreground batch wait for them."""
         with self._cond:
-            if self._reserved + count > self.max_queue_items:
-                in_flight = self._reserved
+            held = self._reserved_background if background else self._reserved
+            if held + count > self.max_queue_items:
+                kind = "background " if background else ""
                 raise Overloaded(
-                    f"model {self.name}: {in_flight} of {self.max_queue_items} input slots are "
+                    f"model {self.name}: {held} of {self.max_queue_items} {kind}input slots are "
                     f"in use, {count} more don't fit; retry with backoff"
                 )
-            self._reserved += count
+            if background:
+                self._reserved_background += count
+            else:
+                self._reserved += count
         try:
             yield
         finally:
             with self._cond:
-                self._reserved -= count
+                if background:
+                    self._reserved_background -= count
+                else:
+                    self._reserved -= count
                 self._cond.notify_all()  # fewer inputs on their way: a waiting batch may go
 
     def close(self, timeout: float | None = None) -> None:
@@ -132,25 +154,38 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.join(timeout)
 
+    def _background_ready(self) -> bool:
+        return bool(self._background) and self._background_lanes == 0
+
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue and not self._closed:
+            while not self._queue and not self._background_ready():
+                if self._closed and not self._background:
+                    return None  # closed and drained
                 self._cond.wait()
-            if not self._queue:
-                return None  # closed and drained
-            deadline = self._queue[0].enqueued + self.max_queue_delay_s
-            while len(self._queue) < self.max_batch_size and not self._closed:
-                on_the_way = self._reserved - len(self._queue) - self._running
-                remaining = deadline - time.perf_counter()
-                if on_the_way <= 0 or remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            count = min(self.max_batch_size, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(count)]
-            self._running += count
-            depth = len(self._queue)
+            if self._queue:
+                batch = self._take_foreground()
+            else:
+                count = min(self.background_batch_size, len(self._background))
+                batch = [self._background.popleft() for _ in range(count)]
+                self._background_lanes += 1
+            depth = len(self._queue) + len(self._background)
         if self._on_depth:
             self._on_depth(depth)
+        return batch
+
+    def _take_foreground(self) -> list[_Item]:
+        """The next foreground batch (called holding the lock, with the queue not empty)."""
+        deadline = self._queue[0].enqueued + self.max_queue_delay_s
+        while len(self._queue) < self.max_batch_size and not self._closed:
+            on_the_way = self._reserved - len(self._queue) - self._running
+            remaining = deadline - time.perf_counter()
+            if on_the_way <= 0 or remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        count = min(self.max_batch_size, len(self._queue))
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._running += count
         return batch
 
     def _loop(self) -> None:
@@ -159,7 +194,11 @@ class DynamicBatcher:
             if live:
                 self._run(live)
             with self._cond:
-                self._running -= len(batch)
+                if batch and batch[0].background:
+                    self._background_lanes -= 1
+                    self._cond.notify_all()  # the next background batch may go
+                else:
+                    self._running -= len(batch)
 
     def _run(self, items: list[_Item]) -> None:
         started = time.perf_counter()

@@ -41,6 +41,9 @@ T = TypeVar("T")
 # to let go of it, which measured slower at 2 concurrent batches of 256 cache hits (22k vs
 # 26k embeddings/s); larger requests go to the pool so that the loop is never held for long.
 INLINE_HASH_BYTES = 8 << 20
+# Background requests (verification) decode and queue this many inputs at a time, so that the
+# decode pool and the lanes never hold more than a few of them ahead of a foreground request.
+BACKGROUND_CHUNK = 4
 
 
 class CacheMode(StrEnum):
@@ -56,6 +59,7 @@ class ExtractOptions:
     dtype: str = "float32"
     normalize: bool = False
     cache: CacheMode = CacheMode.ON
+    background: bool = False  # yield to foreground requests (see _batching)
 
 
 class Embedding(NamedTuple):  # a tuple: built per item and layer on the cache-hit path
@@ -246,11 +250,9 @@ class ExtractionService:
         if hit_items:
             METRICS.items.labels(identity.name, identity.version, "cache").inc(hit_items)
         if todo:
-            layer_names = [p.spec.name for p in plan]
-            with model.batcher.reserve(len(todo)):  # refused before any decoding when full
-                outputs = await _gather_or_cancel(
-                    [self._compute(model, i, sources[i], layer_names) for i in todo]
-                )
+            outputs = await self._compute_all(
+                model, sources, todo, [p.spec.name for p in plan], options.background
+            )
             fresh: list[tuple[bytes, np.ndarray]] = []
             for i, (output, prep_s) in zip(todo, outputs, strict=True):
                 timings.preprocess = max(timings.preprocess, prep_s)
@@ -311,8 +313,35 @@ class ExtractionService:
         )
         return [d for part in done for d in part]
 
+    async def _compute_all(
+        self,
+        model: LoadedModel,
+        sources: Sequence[ImageSource],
+        todo: list[int],
+        layers: list[str],
+        background: bool,
+    ) -> list[tuple[ItemOutput, float]]:
+        if not background:
+            with model.batcher.reserve(len(todo)):  # refused before any decoding when full
+                return await _gather_or_cancel(
+                    [self._compute(model, i, sources[i], layers) for i in todo]
+                )
+        outputs: list[tuple[ItemOutput, float]] = []
+        for start in range(0, len(todo), BACKGROUND_CHUNK):
+            chunk = todo[start : start + BACKGROUND_CHUNK]
+            with model.batcher.reserve(len(chunk), background=True):
+                outputs += await _gather_or_cancel(
+                    [self._compute(model, i, sources[i], layers, True) for i in chunk]
+                )
+        return outputs
+
     async def _compute(
-        self, model: LoadedModel, index: int, source: ImageSource, layers: list[str]
+        self,
+        model: LoadedModel,
+        index: int,
+        source: ImageSource,
+        layers: list[str],
+        background: bool = False,
     ) -> tuple[ItemOutput, float]:
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
@@ -326,7 +355,7 @@ class ExtractionService:
             return tensor, time.perf_counter() - t0
 
         tensor, prep_seconds = await loop.run_in_executor(self.executor, prepare)
-        output = await asyncio.wrap_future(model.batcher.submit(tensor, layers))
+        output = await asyncio.wrap_future(model.batcher.submit(tensor, layers, background))
         return output, prep_seconds
 
 
