@@ -15,7 +15,17 @@ from ._postprocess import (
     pool,
     resolve_pooling,
 )
-from ._preprocess import ImageSource, Preprocessor, RawImage, decode, tensor_sha256
+from ._preprocess import (
+    EXIF_POLICY,
+    GeometryPlan,
+    ImageSource,
+    Preprocessor,
+    RawImage,
+    decode,
+    exif_orientation,
+    plan_geometry,
+    tensor_sha256,
+)
 from ._registry import Registry, build_registry, parse_model_ref
 from ._weights import (
     VerifiedWeights,
@@ -26,8 +36,10 @@ from ._weights import (
 )
 
 __all__ = [
+    "EXIF_POLICY",
     "OUTPUT_DTYPES",
     "ArchitectureSpec",
+    "GeometryPlan",
     "ImageSource",
     "LayerSpec",
     "Manifest",
@@ -40,11 +52,13 @@ __all__ = [
     "allowed_poolings",
     "build_registry",
     "decode",
+    "exif_orientation",
     "finish",
     "keras_models_dir",
     "output_layout",
     "parse_manifest",
     "parse_model_ref",
+    "plan_geometry",
     "pool",
     "read_verified",
     "resolve_pooling",

@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .._errors import InvalidInput, LimitExceeded
 from ._manifest import PreprocessSpec
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+# The pillow decoder serves the pixels as stored: an EXIF orientation tag is not applied.
+EXIF_POLICY = "ignore"
+EXIF_ORIENTATION_TAG = 0x0112
 # Modes Pillow converts to 8-bit RGB faithfully. Alpha is dropped (not composited).
 CONVERTIBLE_MODES = frozenset(
     {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -96,8 +99,33 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def decode(source: ImageSource, max_pixels: int) -> Image.Image:
-    """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else."""
+def exif_orientation(source: ImageSource) -> int:
+    """The EXIF orientation tag of encoded bytes (1, upright, when absent or unreadable)."""
+    if isinstance(source, RawImage) or not source:
+        return 1
+    try:
+        with Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS) as image:
+            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (UnidentifiedImageError, Image.DecompressionBombError, *DECODE_ERRORS):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def decode(source: ImageSource, max_pixels: int, apply_exif: bool = False) -> Image.Image:
+    """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else.
+
+    `apply_exif` rotates/flips as the EXIF orientation tag says (not the served policy, see
+    EXIF_POLICY; the verification catalogue uses it)."""
+    image = _decode(source, max_pixels)
+    if apply_exif and not isinstance(source, RawImage):
+        try:
+            image = ImageOps.exif_transpose(image)
+        except DECODE_ERRORS as exc:
+            raise InvalidInput(f"could not apply the EXIF orientation: {exc}") from None
+    return image
+
+
+def _decode(source: ImageSource, max_pixels: int) -> Image.Image:
     if isinstance(source, RawImage):
         return Image.fromarray(source.to_array(max_pixels))
     if not source:
@@ -129,6 +157,38 @@ def decode(source: ImageSource, max_pixels: int) -> Image.Image:
         raise InvalidInput(f"could not decode the {image.format} image: {exc}") from None
 
 
+Box = tuple[int, int, int, int]  # left, top, right, bottom
+
+
+@dataclass(frozen=True)
+class GeometryPlan:
+    """The crop and resize steps for one image size, in order; None skips a step."""
+
+    crop: Box | None
+    resize: tuple[int, int] | None  # (width, height)
+    crop_after: Box | None
+
+
+def plan_geometry(spec: PreprocessSpec, width: int, height: int) -> GeometryPlan:
+    """The geometry steps `spec` prescribes for a width x height image."""
+    if spec.resize_mode == "crop_resize":
+        crop = max(1, int(spec.crop_fraction * min(width, height)))
+        top = (height - crop + 1) // 2
+        left = (width - crop + 1) // 2
+        return GeometryPlan((left, top, left + crop, top + crop), (spec.size, spec.size), None)
+    if spec.resize_mode == "resize_crop":
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        if new_w < spec.size or new_h < spec.size:
+            raise InvalidInput(f"image {width}x{height} is too small to crop {spec.size}")
+        top = round((new_h - spec.size) / 2.0)
+        left = round((new_w - spec.size) / 2.0)
+        resize = None if (new_w, new_h) == (width, height) else (new_w, new_h)
+        return GeometryPlan(None, resize, (left, top, left + spec.size, top + spec.size))
+    return GeometryPlan(None, (spec.size, spec.size), None)
+
+
 class Preprocessor:
     """Applies one manifest's PreprocessSpec to decoded images."""
 
@@ -149,31 +209,24 @@ class Preprocessor:
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """Crop and resize to the model's input size."""
-        spec = self.spec
-        width, height = image.size
-        if spec.resize_mode == "crop_resize":
-            crop = max(1, int(spec.crop_fraction * min(width, height)))
-            top = (height - crop + 1) // 2
-            left = (width - crop + 1) // 2
-            cropped = image.crop((left, top, left + crop, top + crop))
-            return cropped.resize((spec.size, spec.size), self.resample)
-        if spec.resize_mode == "resize_crop":
-            short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)
-            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-            if (new_w, new_h) != (width, height):
-                image = image.resize((new_w, new_h), self.resample)
-            if new_w < spec.size or new_h < spec.size:
-                raise InvalidInput(f"image {width}x{height} is too small to crop {spec.size}")
-            top = round((new_h - spec.size) / 2.0)
-            left = round((new_w - spec.size) / 2.0)
-            return image.crop((left, top, left + spec.size, top + spec.size))
-        return image.resize((spec.size, spec.size), self.resample)
+        plan = plan_geometry(self.spec, *image.size)
+        if plan.crop is not None:
+            image = image.crop(plan.crop)
+        if plan.resize is not None:
+            image = image.resize(plan.resize, self.resample)
+        if plan.crop_after is not None:
+            image = image.crop(plan.crop_after)
+        return image
 
     def to_tensor(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 HWC RGB -> normalised float32 in the manifest's colour order and layout."""
+        """uint8 HWC RGB -> normalised float32 in the manifest's colour order and layout.
+
+        Float pixels (0-255 scale, e.g. from a resize that does not round) take the same
+        float32 arithmetic without the lookup table."""
         if self.spec.color_order == "BGR":
             pixels = pixels[..., ::-1]
+        if pixels.dtype != np.uint8:
+            return self._normalise(pixels.astype(np.float32))
         lut = self._lut
         if self.spec.layout == "NCHW":
             out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
@@ -184,6 +237,14 @@ class Preprocessor:
         for c in range(3):
             out[..., c] = np.take(lut[c], pixels[..., c])
         return out
+
+    def _normalise(self, pixels: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        scaled = pixels / np.float32(spec.divisor) if spec.divisor != 1.0 else pixels
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        std = np.asarray(spec.std, dtype=np.float32)
+        out = ((scaled - mean) / std).astype(np.float32)
+        return np.ascontiguousarray(out.transpose(2, 0, 1) if spec.layout == "NCHW" else out)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         resized = self.geometry(image)
