@@ -177,3 +177,49 @@ def test_lanes_run_batches_side_by_side():
         f.result(5)
     batcher.close()
     assert both.is_set(), "the two batches did not run at the same time"
+
+
+def test_background_items_yield_to_foreground_ones_and_use_one_lane_at_a_time():
+    """Verification work queues as background: never two background batches at once (a lane
+    stays free for Extract), at most `background_batch_size` items each, and a foreground item
+    submitted behind 20 background ones runs before most of them."""
+    running = 0
+    most = 0
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def run(batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        nonlocal running, most
+        is_background = bool(batch[0, 0] >= 0)
+        with lock:
+            running += is_background
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= is_background
+            order.extend("fg" if v[0] < 0 else "bg" for v in batch)
+        return {layer: batch for layer in layers}
+
+    batcher = DynamicBatcher(
+        "m",
+        run,
+        max_batch_size=4,
+        max_queue_delay_s=0.0,
+        max_queue_items=100,
+        workers=2,
+        background_batch_size=2,
+    )
+    with batcher.reserve(20, background=True):
+        background = [
+            batcher.submit(np.full((1,), i, np.float32), ["a"], background=True) for i in range(20)
+        ]
+        time.sleep(0.03)
+        foreground = batcher.submit(np.full((1,), -1, np.float32), ["a"])
+        foreground.result(5)
+        done_before = sum(f.done() for f in background)
+        for f in background:
+            f.result(5)
+    batcher.close()
+    assert most == 1, "two background batches ran side by side"
+    assert done_before <= 6, f"{done_before} background items ran before the foreground one"
+    assert order.count("bg") == 20 and order.count("fg") == 1
