@@ -3,6 +3,7 @@
 Installs without any deep-learning framework (`pip install embedwarden`).
 """
 
+from ._api_verify import MistakeMatch, VerifiedVector, VerifyReport
 from ._client import Client, Extraction, ModelIdentity, image_input
 from ._exceptions import (
     AlreadyExists,
@@ -29,11 +30,14 @@ __all__ = [
     "FailedPrecondition",
     "InternalError",
     "InvalidArgument",
+    "MistakeMatch",
     "ModelIdentity",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "VerifiedVector",
+    "VerifyReport",
     "image_input",
 ]

@@ -1,5 +1,5 @@
 """`Client`: a blocking Python client for the Embedwarden service (embeddings and models here;
-cache, index, consistency and parity methods come from the `_api_*` mixins, which share the
+cache, index, consistency, parity and verify methods come from the `_api_*` mixins, which share the
 request types of `_types` with it)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ._api_cache import CacheAPI
 from ._api_consistency import ConsistencyAPI
 from ._api_index import IndexAPI
 from ._api_parity import ParityAPI
+from ._api_verify import VerifyAPI
 from ._base import ClientBase, default_address
 from ._exceptions import from_rpc_error, from_status
 from ._types import (
@@ -74,7 +75,7 @@ class Extraction:
         return cls(ModelIdentity.from_proto(response.model), arrays, layouts, cached, timings)
 
 
-class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, ClientBase):
+class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBase):
     """Blocking client. Use as a context manager, or call `close()`.
 
     Retries: UNAVAILABLE is retried by gRPC itself (see `_base`). Errors are the typed

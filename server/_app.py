@@ -45,6 +45,7 @@ from .rpc import (
     server_credentials,
 )
 from .serving import ExtractionService, LoadedModel, ModelManager, ModelState
+from .verify import VerificationService
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Application:
         self.extraction = ExtractionService(
             self.models, settings, self.executor, self.cache, auditor=self.monitor.audits
         )
+        self.verification = VerificationService(self.extraction, settings, self.executor)
         # Collections are recovered from their snapshots and logs here.
         self.index = IndexManager(self.settings, self.registry, self.models, self.extraction)
         pairs = parse_pairs(self.settings.parity_pairs, self.registry)
@@ -99,7 +101,7 @@ class Application:
     def _add_servicers(self, server: grpc.aio.Server) -> None:
         streams = StreamSlots(self.settings.max_streams_per_client)
         embedding = EmbeddingServicer(
-            self.extraction, self.models, self.registry, self.device, streams
+            self.extraction, self.verification, self.models, self.registry, self.device, streams
         )
         admin = AdminServicer(self.models, self.registry, self.settings, self.cache, self.monitor)
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(embedding, server)

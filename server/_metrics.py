@@ -213,6 +213,33 @@ class Metrics:
             ["model_a", "model_b", "layer"],
             registry=r,
         )
+        # Verification of users' own vectors: `pipeline` is a bounded label (see verify).
+        self.verify_items = Counter(
+            f"{PREFIX}_verify_items_total",
+            "Submitted vectors verified, by the pipeline that made them and the verdict "
+            "(pass, within_tolerance, fail).",
+            ["model", "version", "layer", "pipeline", "verdict"],
+            registry=r,
+        )
+        self.verify_min_cosine = Gauge(
+            f"{PREFIX}_verify_min_cosine",
+            "Lowest cosine to the reference in the pipeline's latest Verify request.",
+            ["model", "version", "layer", "pipeline"],
+            registry=r,
+        )
+        self.verify_diagnosis = Counter(
+            f"{PREFIX}_verify_diagnosis_total",
+            "Failing vectors diagnosed, by the catalogued mistake that reproduces them best "
+            "('unknown' when none does).",
+            ["pipeline", "mistake"],
+            registry=r,
+        )
+        self.verify_diagnosis_skipped = Counter(
+            f"{PREFIX}_verify_diagnosis_skipped_total",
+            "Failing vectors not diagnosed because the request's diagnosis budget was spent.",
+            ["pipeline"],
+            registry=r,
+        )
         self._server_lock = threading.Lock()
 
     # Small helpers keep call sites short and label orders in one place.

@@ -61,6 +61,9 @@ class Settings:
     tls_client_ca: Path | None = None
     tokens_file: Path | None = None
     insecure: bool = False
+    verify_diagnosis_items: int = 16  # failing items diagnosed per Verify request at most
+    verify_diagnosis_seconds: float = 10.0  # diagnosis time per Verify request at most
+    verify_max_pipelines: int = 64  # distinct `pipeline` label values in metrics
     parity_pairs: tuple[str, ...] = ()  # "A;B" pairs of NAME[@VERSION], comma-separated
     log_level: str = "INFO"
 
@@ -193,6 +196,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="allow a non-loopback address without TLS and tokens (logged at every start)",
     )
+    a(
+        "--verify-diagnosis-items",
+        type=int,
+        help="failing items diagnosed per Verify request at most (default 16)",
+    )
+    a(
+        "--verify-diagnosis-seconds",
+        type=float,
+        help="diagnosis time per Verify request at most, in seconds (default 10)",
+    )
+    a("--verify-max-pipelines", type=int, help="distinct pipeline labels in metrics (default 64)")
     a("--parity-pairs", type=_parse_list, help="A;B model pairs compared periodically")
     a("--log-level", help="DEBUG, INFO, WARNING, ERROR")
 

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = "embedwarden.server"
 # A package may import the packages of lower rank (and the foundation modules), never higher.
 RANKS = {"models": 0, "backbones": 1, "cache": 1, "serving": 2, "index": 3, "consistency": 3}
-RANKS["rpc"] = 4
+RANKS["verify"] = 4
+RANKS["rpc"] = 5
 FOUNDATION = {"_errors", "_metrics", "_settings", "_frameworks"}  # import no package above them
 MAX_TOP_LEVEL_FILES = 10
 

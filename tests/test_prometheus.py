@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import free_port, make_settings
 
@@ -95,7 +96,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_alert_rules_and_scrape_config_pass_promtool():
     rules = promtool("check", "rules", str(DEPLOY / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 8 rules found" in rules.stdout
+    assert "SUCCESS: 9 rules found" in rules.stdout
     config = promtool("check", "config", str(DEPLOY / "prometheus.yml"))
     assert config.returncode == 0, config.stdout + config.stderr
     unit = promtool("test", "rules", str(DEPLOY / "alerts_test.yml"))  # alerts fire as meant
@@ -138,9 +139,18 @@ def query(port: int, expr: str) -> list[dict[str, Any]]:
 
 
 @needs_prometheus
-def test_prometheus_scrapes_restart_and_coload_checks_of_the_default_model(restarted, tmp_path):
+def test_prometheus_scrapes_restart_and_coload_checks_of_the_default_model(
+    restarted, tmp_path, photos
+):
     server = restarted
     prometheus = None
+    images = [photos["chelsea"], photos["coffee"]]
+    with Client(server.address, timeout=120) as client:  # two pipelines verified, for the scrape
+        vectors = client.extract(images, "efficientnet_lite0").array
+        assert client.verify(images, vectors, "efficientnet_lite0", pipeline="exact").passed
+        wrong = np.random.default_rng(0).normal(size=vectors.shape).astype(np.float32)
+        report = client.verify(images, wrong, "efficientnet_lite0", pipeline="broken-export")
+        assert report.failed == 2
     try:
         config = tmp_path / "prometheus.yml"
         config.write_text(
@@ -192,9 +202,25 @@ def test_prometheus_scrapes_restart_and_coload_checks_of_the_default_model(resta
         )
         assert layers[0]["value"][1] == "19"  # every catalogued layer, difference 0
         assert query(port, "embedwarden_process_flags_info")[0]["metric"]["torch"]
+        verified = {
+            (r["metric"]["pipeline"], r["metric"]["verdict"]): r["value"][1]
+            for r in query(port, "embedwarden_verify_items_total")
+        }
+        assert verified == {("exact", "pass"): "2", ("broken-export", "fail"): "2"}
+        diagnosed = query(port, 'embedwarden_verify_diagnosis_total{pipeline="broken-export"}')
+        assert [(r["metric"]["mistake"], r["value"][1]) for r in diagnosed] == [("unknown", "2")]
+        lowest = query(port, "embedwarden_verify_min_cosine")
+        assert {r["metric"]["pipeline"]: float(r["value"][1]) < 0.5 for r in lowest} == {
+            "exact": False,
+            "broken-export": True,
+        }
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5) as r:
             groups = json.loads(r.read())["data"]["groups"]
-        assert {g["name"] for g in groups} == {"embedwarden-consistency", "embedwarden-service"}
+        assert {g["name"] for g in groups} == {
+            "embedwarden-consistency",
+            "embedwarden-service",
+            "embedwarden-verify",
+        }
         assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
     finally:
         if prometheus is not None:

@@ -9,6 +9,7 @@ them), `_flags` (process-wide flags), `_report` (rows, their words and metrics),
 background thread), `_monitor`, `_parity`.
 """
 
+from ._checks import cosines
 from ._monitor import ConsistencyMonitor
 from ._parity import (
     ParityMonitor,
@@ -30,6 +31,7 @@ __all__ = [
     "Tolerance",
     "compare_arrays",
     "compare_models",
+    "cosines",
     "parse_pairs",
     "to_channels_last",
 ]

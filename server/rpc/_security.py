@@ -60,6 +60,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "/embedwarden.v1.EmbeddingService/ListModels": Role.READER,
     "/embedwarden.v1.EmbeddingService/DescribeModel": Role.READER,
     "/embedwarden.v1.EmbeddingService/Ping": Role.READER,
+    "/embedwarden.v1.EmbeddingService/Verify": Role.READER,
     "/embedwarden.v1.IndexService/Search": Role.READER,
     "/embedwarden.v1.IndexService/ListCollections": Role.READER,
     "/embedwarden.v1.IndexService/DescribeCollection": Role.READER,

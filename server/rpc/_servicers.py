@@ -23,7 +23,9 @@ from ..cache import LmdbCache
 from ..consistency import ConsistencyMonitor, ParityReport, compare_models
 from ..models import Manifest, Registry
 from ..serving import ExtractionService, ModelManager
+from ..verify import VerificationService
 from . import _convert as convert
+from . import _verify_convert as verify_convert
 from ._status import describe, rpc_method, rpc_stream_method
 
 STREAM_WINDOW = 4  # stream messages processed concurrently; responses stay in order
@@ -68,12 +70,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(
         self,
         extraction: ExtractionService,
+        verification: VerificationService,
         models: ModelManager,
         registry: Registry,
         device: str,
         streams: StreamSlots,
     ) -> None:
         self.extraction = extraction
+        self.verification = verification
         self.models = models
         self.registry = registry
         self.device = device
@@ -154,6 +158,17 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         manifest = self.registry.resolve(name, version)
         summary = summarize(manifest, self.models, self.registry)
         return convert.describe_model(manifest, summary, self.device)
+
+    @rpc_method("Verify")
+    async def Verify(
+        self, request: embedding_pb2.VerifyRequest, context: grpc.aio.ServicerContext
+    ) -> embedding_pb2.VerifyResponse:
+        name, version = convert.model_ref(request.model)
+        sources = convert.image_sources(request.inputs)
+        vectors = [convert.vector(v, f"vectors[{i}]") for i, v in enumerate(request.vectors)]
+        options = verify_convert.verify_options(request)
+        result = await self.verification.verify(name, version, sources, vectors, options)
+        return verify_convert.verify_response(result)
 
     @rpc_method("Ping")
     async def Ping(

@@ -45,6 +45,56 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """Load or consistency check failed; see `state_detail`."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _Verdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERDICT_UNSPECIFIED: _Verdict.ValueType  # 0
+    VERDICT_PASS: _Verdict.ValueType  # 1
+    """bit-identical to the reference"""
+    VERDICT_WITHIN_TOLERANCE: _Verdict.ValueType  # 2
+    """within the manifest's tolerance (batch rounding)"""
+    VERDICT_FAIL: _Verdict.ValueType  # 3
+
+class Verdict(_Verdict, metaclass=_VerdictEnumTypeWrapper): ...
+
+VERDICT_UNSPECIFIED: Verdict.ValueType  # 0
+VERDICT_PASS: Verdict.ValueType  # 1
+"""bit-identical to the reference"""
+VERDICT_WITHIN_TOLERANCE: Verdict.ValueType  # 2
+"""within the manifest's tolerance (batch rounding)"""
+VERDICT_FAIL: Verdict.ValueType  # 3
+Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+class _DiagnosisState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiagnosisStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiagnosisState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIAGNOSIS_STATE_UNSPECIFIED: _DiagnosisState.ValueType  # 0
+    DIAGNOSIS_STATE_NOT_NEEDED: _DiagnosisState.ValueType  # 1
+    """the item did not fail"""
+    DIAGNOSIS_STATE_DONE: _DiagnosisState.ValueType  # 2
+    DIAGNOSIS_STATE_SKIPPED_BUDGET: _DiagnosisState.ValueType  # 3
+    """the request's diagnosis budget was spent first"""
+    DIAGNOSIS_STATE_NOT_REQUESTED: _DiagnosisState.ValueType  # 4
+    """skip_diagnosis was set"""
+
+class DiagnosisState(_DiagnosisState, metaclass=_DiagnosisStateEnumTypeWrapper): ...
+
+DIAGNOSIS_STATE_UNSPECIFIED: DiagnosisState.ValueType  # 0
+DIAGNOSIS_STATE_NOT_NEEDED: DiagnosisState.ValueType  # 1
+"""the item did not fail"""
+DIAGNOSIS_STATE_DONE: DiagnosisState.ValueType  # 2
+DIAGNOSIS_STATE_SKIPPED_BUDGET: DiagnosisState.ValueType  # 3
+"""the request's diagnosis budget was spent first"""
+DIAGNOSIS_STATE_NOT_REQUESTED: DiagnosisState.ValueType  # 4
+"""skip_diagnosis was set"""
+Global___DiagnosisState: _TypeAlias = DiagnosisState  # noqa: Y015
+
 @_typing.final
 class ExtractRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -553,3 +603,199 @@ class PingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PingResponse: _TypeAlias = PingResponse  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    POOLING_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
+    SKIP_DIAGNOSIS_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    """The layer and pooling the vectors claim to be; empty layer: the model's default layer."""
+    pooling: _types_pb2.Pooling.ValueType
+    normalize: _builtins.bool
+    """the vectors are L2-normalised"""
+    pipeline: _builtins.str
+    """Names the pipeline in metrics: letters, digits and _.:/-, at most 64 characters.
+    Empty: "default".
+    """
+    cache: _types_pb2.CacheMode.ValueType
+    """for the reference vectors"""
+    skip_diagnosis: _builtins.bool
+    @_builtins.property
+    def model(self) -> _types_pb2.ModelRef: ...
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Input]: ...
+    @_builtins.property
+    def vectors(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]:
+        """The pipeline's vector for each input, in input order: float32 or float16, of the shape
+        Extract returns for this layer and pooling.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _types_pb2.ModelRef | None = ...,
+        layer: _builtins.str = ...,
+        pooling: _types_pb2.Pooling.ValueType = ...,
+        normalize: _builtins.bool = ...,
+        inputs: _abc.Iterable[_types_pb2.Input] | None = ...,
+        vectors: _abc.Iterable[_types_pb2.Tensor] | None = ...,
+        pipeline: _builtins.str = ...,
+        cache: _types_pb2.CacheMode.ValueType = ...,
+        skip_diagnosis: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "inputs", b"inputs", "layer", b"layer", "model", b"model", "normalize", b"normalize", "pipeline", b"pipeline", "pooling", b"pooling", "skip_diagnosis", b"skip_diagnosis", "vectors", b"vectors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class MistakeMatch(_message.Message):
+    """How well a catalogued mistake reproduces a submitted vector."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MISTAKE_FIELD_NUMBER: _builtins.int
+    COSINE_FIELD_NUMBER: _builtins.int
+    REPRODUCES_FIELD_NUMBER: _builtins.int
+    mistake: _builtins.str
+    """a catalogue name ("bgr", "imagenet_norm", ...), or two joined by "+" """
+    cosine: _builtins.float
+    """submitted vector vs the reference computed with this mistake"""
+    reproduces: _builtins.bool
+    """cosine >= the manifest's min_cosine"""
+    def __init__(
+        self,
+        *,
+        mistake: _builtins.str = ...,
+        cosine: _builtins.float = ...,
+        reproduces: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosine", b"cosine", "mistake", b"mistake", "reproduces", b"reproduces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MistakeMatch: _TypeAlias = MistakeMatch  # noqa: Y015
+
+@_typing.final
+class VerifyItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    MAX_ABS_DIFF_FIELD_NUMBER: _builtins.int
+    RELATIVE_MAX_ABS_DIFF_FIELD_NUMBER: _builtins.int
+    COSINE_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    HAS_CLASSES_FIELD_NUMBER: _builtins.int
+    TOP1_AGREES_FIELD_NUMBER: _builtins.int
+    TOP5_AGREEMENT_FIELD_NUMBER: _builtins.int
+    DIAGNOSIS_STATE_FIELD_NUMBER: _builtins.int
+    DIAGNOSIS_FIELD_NUMBER: _builtins.int
+    verdict: Global___Verdict.ValueType
+    max_abs_diff: _builtins.float
+    relative_max_abs_diff: _builtins.float
+    """max |d| / max |reference|"""
+    cosine: _builtins.float
+    cached: _builtins.bool
+    """the reference came from the cache"""
+    has_classes: _builtins.bool
+    """a class layer: the two fields below are set"""
+    top1_agrees: _builtins.bool
+    top5_agreement: _builtins.float
+    """share of the reference's top-5 classes in the submitted top-5"""
+    diagnosis_state: Global___DiagnosisState.ValueType
+    @_builtins.property
+    def diagnosis(self) -> _containers.RepeatedCompositeFieldContainer[Global___MistakeMatch]:
+        """best first"""
+
+    def __init__(
+        self,
+        *,
+        verdict: Global___Verdict.ValueType = ...,
+        max_abs_diff: _builtins.float = ...,
+        relative_max_abs_diff: _builtins.float = ...,
+        cosine: _builtins.float = ...,
+        cached: _builtins.bool = ...,
+        has_classes: _builtins.bool = ...,
+        top1_agrees: _builtins.bool = ...,
+        top5_agreement: _builtins.float = ...,
+        diagnosis_state: Global___DiagnosisState.ValueType = ...,
+        diagnosis: _abc.Iterable[Global___MistakeMatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cosine", b"cosine", "diagnosis", b"diagnosis", "diagnosis_state", b"diagnosis_state", "has_classes", b"has_classes", "max_abs_diff", b"max_abs_diff", "relative_max_abs_diff", b"relative_max_abs_diff", "top1_agrees", b"top1_agrees", "top5_agreement", b"top5_agreement", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyItem: _TypeAlias = VerifyItem  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    POOLING_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    TOLERANCE_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    MIN_COSINE_FIELD_NUMBER: _builtins.int
+    CATALOGUE_FIELD_NUMBER: _builtins.int
+    DIAGNOSIS_SECONDS_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    pooling: _types_pb2.Pooling.ValueType
+    """as resolved (never UNSPECIFIED)"""
+    pipeline: _builtins.str
+    """the metrics label used"""
+    verdict: Global___Verdict.ValueType
+    """the worst item's"""
+    tolerance: _builtins.str
+    failed: _builtins.int
+    min_cosine: _builtins.float
+    diagnosis_seconds: _builtins.float
+    @_builtins.property
+    def model(self) -> _types_pb2.ModelIdentity: ...
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyItem]: ...
+    @_builtins.property
+    def catalogue(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every mistake this server knows"""
+
+    def __init__(
+        self,
+        *,
+        model: _types_pb2.ModelIdentity | None = ...,
+        layer: _builtins.str = ...,
+        pooling: _types_pb2.Pooling.ValueType = ...,
+        pipeline: _builtins.str = ...,
+        verdict: Global___Verdict.ValueType = ...,
+        tolerance: _builtins.str = ...,
+        items: _abc.Iterable[Global___VerifyItem] | None = ...,
+        failed: _builtins.int = ...,
+        min_cosine: _builtins.float = ...,
+        catalogue: _abc.Iterable[_builtins.str] | None = ...,
+        diagnosis_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalogue", b"catalogue", "diagnosis_seconds", b"diagnosis_seconds", "failed", b"failed", "items", b"items", "layer", b"layer", "min_cosine", b"min_cosine", "model", b"model", "pipeline", b"pipeline", "pooling", b"pooling", "tolerance", b"tolerance", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedwarden_dot_v1_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=embedwarden_dot_v1_dot_embedding__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/embedwarden.v1.EmbeddingService/Verify',
+                request_serializer=embedwarden_dot_v1_dot_embedding__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=embedwarden_dot_v1_dot_embedding__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/embedwarden.v1.EmbeddingService/Ping',
                 request_serializer=embedwarden_dot_v1_dot_embedding__pb2.PingRequest.SerializeToString,
@@ -92,6 +97,16 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Checks vectors that another pipeline (an export, a re-implementation, a phone) produced
+        for these inputs against this server's reference, and names the preprocessing mistake that
+        reproduces a failing vector. Costs what an Extract of the same inputs costs, and yields to
+        Extract requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ping(self, request, context):
         """Transport diagnostics: returns `response_bytes` bytes and does nothing else.
         """
@@ -121,6 +136,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=embedwarden_dot_v1_dot_embedding__pb2.DescribeModelRequest.FromString,
                     response_serializer=embedwarden_dot_v1_dot_embedding__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=embedwarden_dot_v1_dot_embedding__pb2.VerifyRequest.FromString,
+                    response_serializer=embedwarden_dot_v1_dot_embedding__pb2.VerifyResponse.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
@@ -237,6 +257,33 @@ class EmbeddingService:
             '/embedwarden.v1.EmbeddingService/DescribeModel',
             embedwarden_dot_v1_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
             embedwarden_dot_v1_dot_embedding__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedwarden.v1.EmbeddingService/Verify',
+            embedwarden_dot_v1_dot_embedding__pb2.VerifyRequest.SerializeToString,
+            embedwarden_dot_v1_dot_embedding__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class EmbeddingServiceStub:
     """Bulk extraction: each request message is answered by one response message, in order."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.ListModelsRequest, _embedding_pb2.ListModelsResponse]
     DescribeModel: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.DescribeModelRequest, _embedding_pb2.DescribeModelResponse]
+    Verify: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.VerifyRequest, _embedding_pb2.VerifyResponse]
+    """Checks vectors that another pipeline (an export, a re-implementation, a phone) produced
+    for these inputs against this server's reference, and names the preprocessing mistake that
+    reproduces a failing vector. Costs what an Extract of the same inputs costs, and yields to
+    Extract requests.
+    """
     Ping: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.PingRequest, _embedding_pb2.PingResponse]
     """Transport diagnostics: returns `response_bytes` bytes and does nothing else."""
 
@@ -53,6 +59,12 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """Bulk extraction: each request message is answered by one response message, in order."""
     ListModels: _aio.UnaryUnaryMultiCallable[_embedding_pb2.ListModelsRequest, _embedding_pb2.ListModelsResponse]  # type: ignore[assignment]
     DescribeModel: _aio.UnaryUnaryMultiCallable[_embedding_pb2.DescribeModelRequest, _embedding_pb2.DescribeModelResponse]  # type: ignore[assignment]
+    Verify: _aio.UnaryUnaryMultiCallable[_embedding_pb2.VerifyRequest, _embedding_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Checks vectors that another pipeline (an export, a re-implementation, a phone) produced
+    for these inputs against this server's reference, and names the preprocessing mistake that
+    reproduces a failing vector. Costs what an Extract of the same inputs costs, and yields to
+    Extract requests.
+    """
     Ping: _aio.UnaryUnaryMultiCallable[_embedding_pb2.PingRequest, _embedding_pb2.PingResponse]  # type: ignore[assignment]
     """Transport diagnostics: returns `response_bytes` bytes and does nothing else."""
 
@@ -88,6 +100,18 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _embedding_pb2.DescribeModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.DescribeModelResponse, _abc.Awaitable[_embedding_pb2.DescribeModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _embedding_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.VerifyResponse, _abc.Awaitable[_embedding_pb2.VerifyResponse]]:
+        """Checks vectors that another pipeline (an export, a re-implementation, a phone) produced
+        for these inputs against this server's reference, and names the preprocessing mistake that
+        reproduces a failing vector. Costs what an Extract of the same inputs costs, and yields to
+        Extract requests.
+        """
 
     @_abc_1.abstractmethod
     def Ping(
