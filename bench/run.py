@@ -97,6 +97,15 @@ def table(r: dict[str, Any]) -> str:
             f"{_f(k['inprocess_qps'], 0)} in-process FAISS, same index | "
             f"{k['server_qps'] / k['inprocess_qps']:.2f}x | recall@10 {k['recall_at_10']:.3f} |"
         )
+    v = r.get("verify", {})
+    if v:
+        rows.append(
+            f"| Extract p50 / p99 ms, 1 image, during a {v['verify_items']}-item failing Verify | "
+            f"{_f(v['extract_during_verify']['p50'] * 1e3)} / "
+            f"{_f(v['extract_during_verify']['p99'] * 1e3)} | "
+            f"{_f(v['extract_idle']['p50'] * 1e3)} / {_f(v['extract_idle']['p99'] * 1e3)} idle | "
+            f"{v['p50_ratio']:.2f}x / {v['p99_ratio']:.2f}x | ≤ 2x |"
+        )
     s = r.get("startup", {})
     if s:
         rows.append(
@@ -144,7 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller and shorter (smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--skip", default="", help="comma-separated: extract,cache,index,startup")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: extract,cache,index,verify,startup"
+    )
     args = parser.parse_args()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out / stamp
@@ -178,6 +189,8 @@ def main() -> None:
             "flat,hnsw",
             *(["--n", "20000", "--queries", "128", "--seconds", "2"] if args.quick else []),
         )
+    if "verify" not in skip:
+        r["verify"] = run_bench("verify_bench.py", out)
     if "startup" not in skip:
         r["startup"] = run_bench("startup_bench.py", out, "--data-dir", str(data / "startup"))
         r.setdefault("machine", r["startup"].get("machine", {}))
