@@ -18,6 +18,7 @@ from ..models import Manifest, VerifiedWeights, read_verified
 from ._base import Backbone
 
 if TYPE_CHECKING:
+    from ._efficientnet_lite import efficientnet_lite0
     from ._keras import KerasBackbone
     from ._keras_manifest import keras_manifest
     from ._torch import TorchBackbone
@@ -27,12 +28,14 @@ __all__ = [
     "Backbone",
     "KerasBackbone",
     "TorchBackbone",
+    "efficientnet_lite0",
     "keras_manifest",
     "load_backbone",
     "torchvision_manifest",
 ]
 
 _LAZY = {
+    "efficientnet_lite0": "._efficientnet_lite",  # the architecture, for users' own pipelines
     "KerasBackbone": "._keras",
     "TorchBackbone": "._torch",
     "keras_manifest": "._keras_manifest",
