@@ -22,6 +22,7 @@ from embedwarden.server import (
     parse_manifest,
 )
 from embedwarden.server._frameworks import import_tensorflow
+from embedwarden.server.models import RECOMMENDED_DECODE
 from embedwarden.server.models._preprocess import Preprocessor
 from embedwarden.server.models._weights import keras_models_dir, read_verified, sha256_file
 
@@ -139,6 +140,7 @@ def test_include_preprocessing_false_means_tf_mode(kx):
 
 
 def test_manifest_pins_file_hash_mode_and_hwc_layers(manifest, keras_home):
+    assert manifest.preprocess.decode == RECOMMENDED_DECODE  # every decode field written
     assert manifest.framework == "keras" and manifest.architecture.builder == "keras:MobileNetV2"
     assert manifest.weights.format == "keras_weights" and manifest.weights.path == ""
     assert manifest.weights.file == FILE

@@ -13,6 +13,7 @@ from PIL import Image
 from embedwarden.server import WeightsVerificationError, parse_manifest
 from embedwarden.server.backbones._torch import TorchBackbone
 from embedwarden.server.backbones._torchvision_manifest import torchvision_manifest
+from embedwarden.server.models import RECOMMENDED_DECODE
 from embedwarden.server.models._preprocess import Preprocessor
 from embedwarden.server.models._weights import read_verified
 
@@ -38,6 +39,9 @@ def test_manifest_is_written_from_the_weights_entry(resnet18):
     assert p.mean == tuple(transform.mean) and p.std == tuple(transform.std)
     assert manifest.weights.file == path.name == "resnet18-f37072fd.pth"
     assert manifest.default_layer == "flatten"
+    # Every decode field written out, with the recommended contract (upright, sRGB, ...).
+    assert manifest.preprocess.decode == RECOMMENDED_DECODE
+    assert "[decode]" in manifest.text
     assert manifest.layer("layer4.1").shape == (512, 7, 7)
     assert manifest.layer("logits").shape == (1000,)
 

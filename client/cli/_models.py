@@ -129,6 +129,12 @@ def cmd_describe(args: argparse.Namespace, client: Client) -> int:
         f"antialias={p.antialias} (x/{p.divisor:g} - {list(p.mean)}) / {list(p.std)} "
         f"{p.layout}"
     )
+    d = p.decoding
+    print(
+        f"  decoding        {','.join(d.formats)}; exif {d.exif}, icc {d.icc}, alpha {d.alpha}"
+        f"{' on ' + str(list(d.background)) if d.alpha == 'composite' else ''}, 16-bit "
+        f"{d.sixteen_bit}, frames {d.frames}"
+    )
     if info.description:
         print(f"  description     {info.description}")
     print("  layers:")

@@ -28,7 +28,15 @@ import numpy as np
 import tomli_w
 
 from .._errors import InvalidInput
-from ..models import Preprocessor, PreprocessSpec, keras_models_dir, parse_manifest, sha256_file
+from ..models import (
+    RECOMMENDED_DECODE,
+    Preprocessor,
+    PreprocessSpec,
+    decode_table,
+    keras_models_dir,
+    parse_manifest,
+    sha256_file,
+)
 from ._keras import WEIGHT_SUFFIXES, application, build_application
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,6 +210,8 @@ def keras_manifest(
             "std": list(std),
             "layout": "NHWC",
         },
+        # Every decode field stated: the recommended contract (upright, colour-managed...).
+        "decode": decode_table(RECOMMENDED_DECODE),
         "numerics": {"dtype": "float32", "deterministic": True},
         "layers": layers,
     }

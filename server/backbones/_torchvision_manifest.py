@@ -15,7 +15,13 @@ from typing import Any
 import tomli_w
 
 from .._errors import InvalidInput
-from ..models import parse_manifest, sha256_file, torch_hub_checkpoints
+from ..models import (
+    RECOMMENDED_DECODE,
+    decode_table,
+    parse_manifest,
+    sha256_file,
+    torch_hub_checkpoints,
+)
 from ._torch import build_module, torch, torch_graph_nodes
 
 _INTERPOLATIONS = {
@@ -128,6 +134,8 @@ def torchvision_manifest(
             "std": [float(v) for v in transform.std],
             "layout": "NCHW",
         },
+        # Every decode field stated: the recommended contract (upright, colour-managed...).
+        "decode": decode_table(RECOMMENDED_DECODE),
         "numerics": {"dtype": "float32", "deterministic": True},
         "layers": layers,
     }

@@ -184,6 +184,18 @@ def _run(model: LoadedModel, tensors: list[np.ndarray], layers: list[str]) -> di
     return {layer: np.stack([o.outputs[layer] for o in outputs]) for layer in layers}
 
 
+def _decode_all(
+    sources: Sequence[ImageSource], manifest: Manifest, max_pixels: int
+) -> list[Image.Image]:
+    images = []
+    for i, source in enumerate(sources):
+        try:
+            images.append(decode(source, max_pixels, manifest.preprocess.decode))
+        except InvalidInput as exc:
+            raise type(exc)(f"inputs[{i}]: {exc}") from None
+    return images
+
+
 def compare_models(
     a: LoadedModel,
     b: LoadedModel,
@@ -198,14 +210,13 @@ def compare_models(
     if len(sources) > max_inputs:
         raise LimitExceeded(f"{len(sources)} inputs; a parity report takes at most {max_inputs}")
     pairs = comparable_layers(ma, mb, layers)
-    images: list[Image.Image] = []
-    for i, source in enumerate(sources or canary_inputs()):
-        try:
-            images.append(decode(source, max_pixels))
-        except InvalidInput as exc:
-            raise type(exc)(f"inputs[{i}]: {exc}") from None
-    tensors_a = [a.preprocessor(image) for image in images]
-    tensors_b = [b.preprocessor(image) for image in images]
+    inputs = list(sources or canary_inputs())
+    images_a = _decode_all(inputs, ma, max_pixels)
+    # Decoding is part of each model's contract: decoded again only where the two differ.
+    same = ma.preprocess.decode == mb.preprocess.decode
+    images_b = images_a if same else _decode_all(inputs, mb, max_pixels)
+    tensors_a = [a.preprocessor(image) for image in images_a]
+    tensors_b = [b.preprocessor(image) for image in images_b]
     tolerance = Tolerance.between(ma, mb)
 
     pre_a = _input_rgb_hwc(np.stack(tensors_a), ma)
@@ -237,7 +248,7 @@ def compare_models(
     return ParityReport(
         model_a=a.identity,
         model_b=b.identity,
-        inputs=len(images),
+        inputs=len(inputs),
         preprocess_max_abs_diff=pre_diff,
         layers=tuple(results),
         first_divergence=first,

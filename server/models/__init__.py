@@ -5,6 +5,9 @@ The bottom floor of the server: it imports nothing above `_errors`, so every oth
 use it. The built-in manifests (TOML, one file per version) ship in `builtin/`.
 """
 
+from ._decode import LEGACY as LEGACY_DECODE
+from ._decode import RECOMMENDED as RECOMMENDED_DECODE
+from ._decode import DecodeSpec, decode_table
 from ._manifest import ArchitectureSpec, LayerSpec, Manifest, PreprocessSpec, parse_manifest
 from ._postprocess import (
     OUTPUT_DTYPES,
@@ -16,7 +19,6 @@ from ._postprocess import (
     resolve_pooling,
 )
 from ._preprocess import (
-    EXIF_POLICY,
     GeometryPlan,
     ImageSource,
     Preprocessor,
@@ -36,9 +38,11 @@ from ._weights import (
 )
 
 __all__ = [
-    "EXIF_POLICY",
+    "LEGACY_DECODE",
     "OUTPUT_DTYPES",
+    "RECOMMENDED_DECODE",
     "ArchitectureSpec",
+    "DecodeSpec",
     "GeometryPlan",
     "ImageSource",
     "LayerSpec",
@@ -52,6 +56,7 @@ __all__ = [
     "allowed_poolings",
     "build_registry",
     "decode",
+    "decode_table",
     "exif_orientation",
     "finish",
     "keras_models_dir",

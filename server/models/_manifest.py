@@ -19,11 +19,24 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .._errors import ManifestError, NotFound
+from ._decode import (
+    ALPHA_POLICIES,
+    CMYK_RULES,
+    EXIF_POLICIES,
+    FORMATS,
+    FRAME_RULES,
+    GRAYSCALE_RULES,
+    ICC_POLICIES,
+    LEGACY,
+    PALETTE_RULES,
+    SIXTEEN_BIT_RULES,
+    DecodeSpec,
+)
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
@@ -75,6 +88,7 @@ class PreprocessSpec:
     layout: str
     resize_size: int = 0
     crop_fraction: float = 0.0
+    decode: DecodeSpec = LEGACY  # the manifest's [decode] table
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,10 @@ class Manifest:
             data.pop(key, None)
         for key in NON_IDENTITY_WEIGHT_KEYS:
             data["weights"].pop(key, None)
+        if self.preprocess.decode == LEGACY:
+            # Versions made before the [decode] table existed decoded this way: their
+            # fingerprints stay as they were. Any other contract is hashed, field by field.
+            data["preprocess"].pop("decode")
         data["schema"] = SCHEMA_VERSION
         return data
 
@@ -268,6 +286,32 @@ def _parse_preprocess(t: _Table) -> PreprocessSpec:
     return spec
 
 
+def _parse_decode(t: _Table) -> DecodeSpec:
+    """The [decode] table, every key stated."""
+    formats = t.get("formats", list)
+    if not formats or any(f not in FORMATS for f in formats) or len(set(formats)) != len(formats):
+        raise ManifestError(f"{t.where}.formats: a list of distinct formats from {list(FORMATS)}")
+    background = t.get("background", list)
+    if len(background) != 3 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in background
+    ):
+        raise ManifestError(f"{t.where}.background: expected 3 integers 0-255 (R, G, B)")
+    spec = DecodeSpec(
+        formats=tuple(formats),
+        exif=t.choice("exif", EXIF_POLICIES),
+        icc=t.choice("icc", ICC_POLICIES),
+        alpha=t.choice("alpha", ALPHA_POLICIES),
+        background=(background[0], background[1], background[2]),
+        grayscale=t.choice("grayscale", GRAYSCALE_RULES),
+        palette=t.choice("palette", PALETTE_RULES),
+        cmyk=t.choice("cmyk", CMYK_RULES),
+        sixteen_bit=t.choice("sixteen_bit", SIXTEEN_BIT_RULES),
+        frames=t.choice("frames", FRAME_RULES),
+    )
+    t.finish()
+    return spec
+
+
 def _default_layout(shape: tuple[int, ...], tokens: bool, image_layout: str) -> str:
     if tokens:
         return "TC"
@@ -352,6 +396,8 @@ def _parse(data: Mapping[str, Any], text: str, origin: str) -> Manifest:
         raise ManifestError("weights.file: a bare file name (put folders in `path`)")
 
     preprocess = _parse_preprocess(top.table("preprocess"))
+    if "decode" in data:  # left out: the legacy contract (manifests older than the table)
+        preprocess = replace(preprocess, decode=_parse_decode(top.table("decode")))
     layers = _parse_layers(top.get("layers", list), preprocess.layout)
     default_layer = top.get("default_layer", str)
     if default_layer not in {layer.name for layer in layers}:

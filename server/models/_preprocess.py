@@ -1,8 +1,7 @@
 """Decoding and preprocessing exactly as a manifest pins them, framework-independent.
 
-Decoding accepts JPEG, PNG, WebP, BMP and TIFF through Pillow, or raw uint8 H x W x 3 RGB arrays.
-Every failure of the decoder on untrusted bytes is the caller's bad input, never a server error.
-The pixel count is checked from the header before any pixel is decoded (decompression bombs).
+Inputs are encoded bytes, decoded as the manifest's `[decode]` table says (see `_decode`), or
+raw uint8 H x W x 3 RGB arrays, used as sent.
 
 Geometry follows the reference pipelines step for step:
 - `crop_resize` (official EfficientNet eval): crop int(fraction * short side) at offset
@@ -18,25 +17,16 @@ arithmetic and cost one gather per pixel.
 from __future__ import annotations
 
 import hashlib
-import io
-import struct
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from .._errors import InvalidInput, LimitExceeded
+from .._errors import InvalidInput
+from ._decode import LEGACY, DecodeSpec, check_pixels, decode_bytes, orientation
 from ._manifest import PreprocessSpec
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
-# The pillow decoder serves the pixels as stored: an EXIF orientation tag is not applied.
-EXIF_POLICY = "ignore"
-EXIF_ORIENTATION_TAG = 0x0112
-# Modes Pillow converts to 8-bit RGB faithfully. Alpha is dropped (not composited).
-CONVERTIBLE_MODES = frozenset(
-    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-)
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -45,20 +35,6 @@ RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-# Pillow raises a wide variety of exceptions on corrupt data; all mean "bad image".
-DECODE_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    struct.error,
-    IndexError,
-    TypeError,
-    KeyError,
-    ZeroDivisionError,
-    OverflowError,
-    RuntimeError,
-)
 
 
 @dataclass(frozen=True)
@@ -91,70 +67,16 @@ class RawImage:
 ImageSource = bytes | RawImage
 
 
-def check_pixels(width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise LimitExceeded(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
-            "(downscale it before sending)"
-        )
-
-
 def exif_orientation(source: ImageSource) -> int:
     """The EXIF orientation tag of encoded bytes (1, upright, when absent or unreadable)."""
-    if isinstance(source, RawImage) or not source:
-        return 1
-    try:
-        with Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS) as image:
-            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    except (UnidentifiedImageError, Image.DecompressionBombError, *DECODE_ERRORS):
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    return 1 if isinstance(source, RawImage) or not source else orientation(source)
 
 
-def decode(source: ImageSource, max_pixels: int, apply_exif: bool = False) -> Image.Image:
-    """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else.
-
-    `apply_exif` rotates/flips as the EXIF orientation tag says (not the served policy, see
-    EXIF_POLICY; the verification catalogue uses it)."""
-    image = _decode(source, max_pixels)
-    if apply_exif and not isinstance(source, RawImage):
-        try:
-            image = ImageOps.exif_transpose(image)
-        except DECODE_ERRORS as exc:
-            raise InvalidInput(f"could not apply the EXIF orientation: {exc}") from None
-    return image
-
-
-def _decode(source: ImageSource, max_pixels: int) -> Image.Image:
+def decode(source: ImageSource, max_pixels: int, spec: DecodeSpec = LEGACY) -> Image.Image:
+    """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else."""
     if isinstance(source, RawImage):
         return Image.fromarray(source.to_array(max_pixels))
-    if not source:
-        raise InvalidInput("image bytes are empty")
-    try:
-        image = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
-    except UnidentifiedImageError:
-        raise InvalidInput(
-            "could not identify the image; send JPEG, PNG, WebP, BMP or TIFF bytes, or a raw "
-            "uint8 [height, width, 3] array"
-        ) from None
-    except Image.DecompressionBombError as exc:
-        raise LimitExceeded(f"image refused as a decompression bomb: {exc}") from None
-    except DECODE_ERRORS as exc:
-        raise InvalidInput(f"could not read the image header: {exc}") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidInput(f"image has an empty side: {width}x{height}")
-    check_pixels(width, height, max_pixels)
-    if image.mode not in CONVERTIBLE_MODES:
-        raise InvalidInput(
-            f"image mode {image.mode!r} (e.g. 16-bit or float) is not supported; send 8-bit "
-            "RGB, grayscale or palette images"
-        )
-    try:
-        image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except DECODE_ERRORS as exc:
-        raise InvalidInput(f"could not decode the {image.format} image: {exc}") from None
+    return decode_bytes(source, spec, max_pixels)
 
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
@@ -252,7 +174,7 @@ class Preprocessor:
 
     def prepare(self, source: ImageSource, max_pixels: int) -> np.ndarray:
         """Decode and preprocess one input."""
-        return self(decode(source, max_pixels))
+        return self(decode(source, max_pixels, self.spec.decode))
 
 
 def tensor_sha256(tensor: np.ndarray) -> str:

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from ..models import (
-    EXIF_POLICY,
     ImageSource,
     Preprocessor,
     PreprocessSpec,
@@ -36,8 +35,7 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 class Recipe:
     """How one pipeline turns an input into the model's tensor."""
 
-    spec: PreprocessSpec
-    apply_exif: bool
+    spec: PreprocessSpec  # its `decode` included
     antialias: bool = True
     transposed: bool = False  # the right tensor's memory read with the other layout's shape
 
@@ -89,9 +87,11 @@ def _no_crop(r: Recipe) -> Recipe:
     return _spec(r, resize_mode="resize_crop", resize_size=r.spec.size, crop_fraction=0.0)
 
 
-def _exif(applied: bool) -> Callable[[Recipe], Recipe | None]:
+def _exif(policy: str) -> Callable[[Recipe], Recipe | None]:
     def change(r: Recipe) -> Recipe | None:
-        return replace(r, apply_exif=applied) if r.apply_exif != applied else None
+        if r.spec.decode.exif == policy:
+            return None
+        return _spec(r, decode=replace(r.spec.decode, exif=policy))
 
     return change
 
@@ -157,13 +157,13 @@ MISTAKES: tuple[Mistake, ...] = (
         "exif_ignored",
         "EXIF orientation not applied (the manifest applies it)",
         frozenset({"orientation"}),
-        _exif(False),
+        _exif("ignore"),
     ),
     Mistake(
         "exif_applied",
         "EXIF orientation applied (the manifest serves the stored pixels)",
         frozenset({"orientation"}),
-        _exif(True),
+        _exif("apply"),
     ),
     Mistake(
         "nhwc_as_nchw",
@@ -183,7 +183,7 @@ COMBINATION = "+"  # two mistakes together are named "a+b"
 
 
 def reference(spec: PreprocessSpec) -> Recipe:
-    return Recipe(spec, apply_exif=EXIF_POLICY == "apply")
+    return Recipe(spec)
 
 
 def applicable(recipe: Recipe, source: ImageSource) -> list[tuple[str, Recipe]]:
@@ -217,7 +217,7 @@ def names() -> list[str]:
 
 def render(recipe: Recipe, source: ImageSource, max_pixels: int) -> np.ndarray:
     """The tensor a pipeline following `recipe` feeds the model for `source`."""
-    image = decode(source, max_pixels, apply_exif=recipe.apply_exif)
+    image = decode(source, max_pixels, recipe.spec.decode)
     preprocessor = _preprocessor(recipe.spec)
     if recipe.antialias:
         tensor = preprocessor(image)

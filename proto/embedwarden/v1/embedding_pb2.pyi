@@ -472,6 +472,7 @@ class Preprocessing(_message.Message):
     MEAN_FIELD_NUMBER: _builtins.int
     STD_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
+    DECODING_FIELD_NUMBER: _builtins.int
     decoder: _builtins.str
     color_order: _builtins.str
     resize_mode: _builtins.str
@@ -486,6 +487,8 @@ class Preprocessing(_message.Message):
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def decoding(self) -> Global___Decoding: ...
     def __init__(
         self,
         *,
@@ -501,14 +504,77 @@ class Preprocessing(_message.Message):
         mean: _abc.Iterable[_builtins.float] | None = ...,
         std: _abc.Iterable[_builtins.float] | None = ...,
         layout: _builtins.str = ...,
+        decoding: Global___Decoding | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decoding", b"decoding"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["antialias", b"antialias", "color_order", b"color_order", "crop_fraction", b"crop_fraction", "decoder", b"decoder", "divisor", b"divisor", "interpolation", b"interpolation", "layout", b"layout", "mean", b"mean", "resize_mode", b"resize_mode", "resize_size", b"resize_size", "size", b"size", "std", b"std"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["antialias", b"antialias", "color_order", b"color_order", "crop_fraction", b"crop_fraction", "decoder", b"decoder", "decoding", b"decoding", "divisor", b"divisor", "interpolation", b"interpolation", "layout", b"layout", "mean", b"mean", "resize_mode", b"resize_mode", "resize_size", b"resize_size", "size", b"size", "std", b"std"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Preprocessing: _TypeAlias = Preprocessing  # noqa: Y015
+
+@_typing.final
+class Decoding(_message.Message):
+    """How encoded bytes become the 8-bit RGB image preprocessing starts from (the manifest's
+    [decode] table; raw arrays are used as sent).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMATS_FIELD_NUMBER: _builtins.int
+    EXIF_FIELD_NUMBER: _builtins.int
+    ICC_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    GRAYSCALE_FIELD_NUMBER: _builtins.int
+    PALETTE_FIELD_NUMBER: _builtins.int
+    CMYK_FIELD_NUMBER: _builtins.int
+    SIXTEEN_BIT_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    exif: _builtins.str
+    """apply | ignore"""
+    icc: _builtins.str
+    """convert_to_srgb | ignore"""
+    alpha: _builtins.str
+    """composite | drop"""
+    grayscale: _builtins.str
+    """replicate"""
+    palette: _builtins.str
+    """expand"""
+    cmyk: _builtins.str
+    """naive"""
+    sixteen_bit: _builtins.str
+    """high_byte | rgb_only"""
+    frames: _builtins.str
+    """first | refuse"""
+    @_builtins.property
+    def formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def background(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """R, G, B under transparent pixels (alpha = composite)"""
+
+    def __init__(
+        self,
+        *,
+        formats: _abc.Iterable[_builtins.str] | None = ...,
+        exif: _builtins.str = ...,
+        icc: _builtins.str = ...,
+        alpha: _builtins.str = ...,
+        background: _abc.Iterable[_builtins.int] | None = ...,
+        grayscale: _builtins.str = ...,
+        palette: _builtins.str = ...,
+        cmyk: _builtins.str = ...,
+        sixteen_bit: _builtins.str = ...,
+        frames: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "background", b"background", "cmyk", b"cmyk", "exif", b"exif", "formats", b"formats", "frames", b"frames", "grayscale", b"grayscale", "icc", b"icc", "palette", b"palette", "sixteen_bit", b"sixteen_bit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Decoding: _TypeAlias = Decoding  # noqa: Y015
 
 @_typing.final
 class DescribeModelResponse(_message.Message):
