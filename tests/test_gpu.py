@@ -44,3 +44,43 @@ def test_auto_device_serves_on_cuda(tmp_path, photos):
             assert client.check_consistency().passed
     finally:
         thread.stop()
+
+
+def test_restart_and_coload_are_bit_identical_on_the_gpu(tmp_path):
+    """Deterministic settings on the device (cuDNN benchmark off, deterministic algorithms, TF32
+    off): a restart from the same data dir, and loading a second model beside the first, give
+    the golden outputs exactly; the batch check stays within the manifest's tolerance."""
+    models = tmp_path / "models"  # a second torch model (same weights, another name) to co-load
+    models.mkdir()
+    text = MANIFEST.text.replace('name = "efficientnet_lite0"', 'name = "lite0_copy"')
+    (models / "lite0_copy@1.toml").write_text(text.replace("default = true\n", ""))
+    data = tmp_path / "data"
+    first = ServerThread(make_settings(data, device="cuda", models_dirs=(models,)))
+    first.start()
+    first.stop()
+    second = ServerThread(make_settings(data, device="cuda", models_dirs=(models,)))
+    second.start()
+    try:
+        with Client(second.address) as client:
+            client.load_model("lite0_copy")
+            report = client.check_consistency("efficientnet_lite0")
+        rows = {(r.check, r.layer): r for r in report.results}
+        for check in ("restart", "coload"):
+            row = rows[(check, "")]
+            assert row.passed and row.max_abs_diff == 0.0, (check, row)
+        batch = rows[("batch", "")]
+        assert batch.passed and batch.max_abs_diff <= batch.tolerance_abs, batch
+    finally:
+        second.stop()
+
+
+def test_the_golden_record_states_the_tf32_state(tmp_path):
+    import json
+
+    thread = ServerThread(make_settings(tmp_path, device="cuda"))
+    thread.start()
+    thread.stop()
+    (record,) = (tmp_path / "golden").glob("efficientnet_lite0@1-*/record.json")
+    environment = json.loads(record.read_text())["environment"]
+    tf32 = {k: environment[k] for k in ("cuda_matmul_tf32", "cudnn_tf32")}
+    assert tf32 == {"cuda_matmul_tf32": "False", "cudnn_tf32": "False"}, tf32

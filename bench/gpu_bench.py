@@ -1,0 +1,141 @@
+"""Cache-miss extraction on a GPU: the server beside the in-process GPU pipeline, same run.
+
+- in-process: decode + preprocess on a thread pool of the CPU cores, forward passes of batches of
+  8 on the device, pooling; images/s, and the share of wall time spent decoding;
+- the server with `--device DEVICE`: 1 and 8 clients, 8 distinct JPEGs per request (cache
+  misses), images/s and the ratio to in-process; the share of its time in decode/preprocess
+  (from the responses' timings).
+
+Runs on CPU too (`--device cpu`) as a smoke test. Nothing is asserted.
+
+    python bench/gpu_bench.py [--device cuda] [--seconds 10] [--json results/gpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedwarden.client import Client
+
+try:
+    from bench._common import ServerProcess, machine, photo_jpegs, write_json
+    from bench.extract_bench import DistinctInputs
+except ImportError:  # run as a script from bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import ServerProcess, machine, photo_jpegs, write_json  # type: ignore
+    from extract_bench import DistinctInputs  # type: ignore
+
+MODEL = "efficientnet_lite0"
+BATCH = 8
+
+
+def in_process(images: list[bytes], device: str, seconds: float) -> dict[str, float]:
+    from embedwarden.server import available_cores, build_registry, configure_process
+    from embedwarden.server.backbones import TorchBackbone
+    from embedwarden.server.models import Pooling, Preprocessor, finish, read_verified
+
+    configure_process(deterministic=True, torch_threads=0)
+    manifest = build_registry().resolve(MODEL)
+    backbone = TorchBackbone(manifest, read_verified(manifest)[1], device)
+    pre = Preprocessor(manifest.preprocess)
+    layer = manifest.layer("features")
+    pool = ThreadPoolExecutor(available_cores())
+    decode_s = 0.0
+
+    def run(batch: list[bytes]) -> None:
+        nonlocal decode_s
+        t0 = time.perf_counter()
+        tensors = np.stack(list(pool.map(lambda b: pre.prepare(b, 40_000_000), batch)))
+        decode_s += time.perf_counter() - t0
+        out = backbone.infer(tensors, ["features"])["features"]
+        [finish(o, layer, Pooling.AVG, False, "float32") for o in out]
+
+    run(images[:BATCH])  # warm-up
+    decode_s, done, i = 0.0, 0, 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run([images[(i + k) % len(images)] for k in range(BATCH)])
+        done += BATCH
+        i += BATCH
+    wall = time.perf_counter() - started
+    backbone.close()
+    pool.shutdown()
+    return {"images_per_s": done / wall, "decode_share": decode_s / wall}
+
+
+def server(address: str, inputs: DistinctInputs, clients: int, seconds: float) -> dict[str, float]:
+    counter = [0]
+    shares: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker() -> None:
+        with Client(address, timeout=120) as c:
+            while time.perf_counter() < stop:
+                result = c.extract(inputs.take(BATCH), MODEL, layers="features", pooling="avg")
+                t = result.timings
+                with lock:
+                    counter[0] += BATCH
+                    if t["total"] > 0:
+                        shares.append(t["preprocess"] / t["total"])
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"images_per_s": counter[0] / wall, "decode_share": statistics.fmean(shares or [0.0])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    images = photo_jpegs(128)
+    baseline = in_process(images, args.device, args.seconds)
+    results: dict[str, Any] = {"machine": machine(), "device": args.device, "in_process": baseline}
+    inputs = DistinctInputs(images)
+    with tempfile.TemporaryDirectory() as data:
+        process = ServerProcess(Path(data), "--device", args.device).start()
+        try:
+            for clients in (1, 8):
+                r = server(process.address, inputs, clients, args.seconds)
+                r["ratio"] = r["images_per_s"] / baseline["images_per_s"]
+                results[f"server_{clients}_clients"] = r
+        finally:
+            process.stop()
+    m = results["machine"]
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; device {args.device}"
+    )
+    print(
+        f"in-process, batches of {BATCH}: {baseline['images_per_s']:.1f} images/s, "
+        f"decode {baseline['decode_share']:.0%} of wall time"
+    )
+    for clients in (1, 8):
+        r = results[f"server_{clients}_clients"]
+        print(
+            f"server, {clients} client(s) x {BATCH} images/request: {r['images_per_s']:.1f} "
+            f"images/s ({r['ratio']:.2f}x), decode/preprocess {r['decode_share']:.0%} of request "
+            "time"
+        )
+    write_json(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

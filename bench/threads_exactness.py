@@ -1,0 +1,77 @@
+"""Are a model's outputs bit-identical across intra-op thread counts? (The question that decides
+whether an idle server may give a lone request all cores: see README, "Threads and exactness".)
+
+For every built-in torch model and every catalogued layer, the canary photos are run at batch 1
+and 4 with 1 thread and with every core, and the layers whose bytes differ are listed with the
+largest difference. Nothing is asserted.
+
+    python bench/threads_exactness.py [--json results/threads.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    from bench._common import machine, write_json
+except ImportError:  # run as a script from bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import machine, write_json  # type: ignore
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    from embedwarden.server import available_cores, build_registry
+    from embedwarden.server.backbones import TorchBackbone
+    from embedwarden.server.models import Preprocessor, read_verified
+
+    cores = available_cores()
+    results: dict[str, Any] = {"machine": machine(), "threads": [1, cores], "models": {}}
+    for manifest in build_registry().all():
+        if manifest.framework != "torch":
+            continue
+        backbone = TorchBackbone(manifest, read_verified(manifest)[1], "cpu")
+        pre = Preprocessor(manifest.preprocess)
+        photos = [pre(Image.fromarray(getattr(data, n)())) for n in ("chelsea", "coffee", "rocket")]
+        batch = np.stack([*photos, photos[0]])
+        layers = [layer.name for layer in manifest.layers]
+        rows = {}
+        for size in (1, 4):
+            outputs = []
+            for threads in (1, cores):
+                torch.set_num_threads(threads)
+                out = backbone.infer(batch[:size], layers)
+                outputs.append({k: np.array(v) for k, v in out.items()})
+            one, many = outputs
+            differing = [k for k in layers if one[k].tobytes() != many[k].tobytes()]
+            rows[f"batch={size}"] = {
+                "layers": len(layers),
+                "differing": differing,
+                "max_abs_diff": max(float(np.abs(one[k] - many[k]).max()) for k in layers),
+            }
+            worst = rows[f"batch={size}"]["max_abs_diff"]
+            print(
+                f"{manifest.ref} batch {size}: {len(differing)} of {len(layers)} layers differ "
+                f"between 1 and {cores} threads (max |d| {worst:.3g})"
+                + (f"; first: {differing[0]}" if differing else "")
+            )
+        results["models"][manifest.ref] = rows
+        backbone.close()
+    write_json(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
