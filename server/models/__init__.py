@@ -16,7 +16,13 @@ from ._postprocess import (
     resolve_pooling,
 )
 from ._preprocess import ImageSource, Preprocessor, RawImage, decode, tensor_sha256
-from ._registry import Registry, build_registry, parse_model_ref
+from ._registry import (
+    Registry,
+    build_registry,
+    check_fingerprint,
+    parse_fingerprint,
+    parse_model_ref,
+)
 from ._weights import (
     VerifiedWeights,
     keras_models_dir,
@@ -39,10 +45,12 @@ __all__ = [
     "VerifiedWeights",
     "allowed_poolings",
     "build_registry",
+    "check_fingerprint",
     "decode",
     "finish",
     "keras_models_dir",
     "output_layout",
+    "parse_fingerprint",
     "parse_manifest",
     "parse_model_ref",
     "pool",
