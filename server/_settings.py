@@ -62,6 +62,8 @@ class Settings:
     tokens_file: Path | None = None
     insecure: bool = False
     parity_pairs: tuple[str, ...] = ()  # "A;B" pairs of NAME[@VERSION], comma-separated
+    require_fingerprints: tuple[str, ...] = ()  # NAME@VERSION=HEX: refuse to load another one
+    shipped_golden_dir: Path | None = None  # read-only golden records (--golden-dir)
     log_level: str = "INFO"
 
     @property
@@ -194,6 +196,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow a non-loopback address without TLS and tokens (logged at every start)",
     )
     a("--parity-pairs", type=_parse_list, help="A;B model pairs compared periodically")
+    a(
+        "--require-fingerprint",
+        dest="require_fingerprints",
+        action="append",
+        metavar="NAME@VERSION=HEX",
+        help="refuse to load NAME@VERSION unless its fingerprint is HEX (repeatable)",
+    )
+    a(
+        "--golden-dir",
+        dest="shipped_golden_dir",
+        type=Path,
+        help="read-only golden records shipped with the deployment: checked against, never "
+        "written (default: record into the data dir on first load)",
+    )
     a("--log-level", help="DEBUG, INFO, WARNING, ERROR")
 
 
