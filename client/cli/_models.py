@@ -38,6 +38,7 @@ def cmd_extract(args: argparse.Namespace, client: Client) -> int:
         dtype=args.dtype,
         normalize=args.normalize,
         cache=args.cache,
+        expect_fingerprint=args.expect_fingerprint,
     ):
         identity = chunk.model
         for layer, array in chunk.arrays.items():
@@ -103,7 +104,7 @@ def _state_name(state: int) -> str:
 
 
 def cmd_describe(args: argparse.Namespace, client: Client) -> int:
-    info = client.describe_model(args.model)
+    info = client.describe_model(args.model, expect_fingerprint=args.expect_fingerprint)
     if args.json:
         print_json(message_dict(info))
         return 0
@@ -139,7 +140,7 @@ def cmd_describe(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_load(args: argparse.Namespace, client: Client) -> int:
-    response = client.load_model(args.model)
+    response = client.load_model(args.model, expect_fingerprint=args.expect_fingerprint)
     ident = response.model.identity
     print(
         f"{ident.name}@{ident.version} serving (loaded in {response.load_seconds:.2f}s, "
@@ -149,9 +150,18 @@ def cmd_load(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_unload(args: argparse.Namespace, client: Client) -> int:
-    ident = client.unload_model(args.model).model
+    ident = client.unload_model(args.model, expect_fingerprint=args.expect_fingerprint).model
     print(f"{ident.name}@{ident.version} unloaded")
     return 0
+
+
+def add_expect_fingerprint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--expect-fingerprint",
+        default="",
+        metavar="HEX",
+        help="pin the model version's fingerprint: a server with another one refuses",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -165,6 +175,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cache", default="on", choices=("on", "off", "refresh"))
     p.add_argument("--batch-size", type=int, default=32, help="inputs per stream message")
     p.add_argument("--out", required=True, help="output .npy (.npz for several layers)")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_extract)
 
     p = sub.add_parser("models", help="list registered model versions and their state")
@@ -174,12 +185,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("describe", help="show a model version's pinned manifest")
     p.add_argument("model", help="NAME or NAME@VERSION")
     p.add_argument("--json", action="store_true")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_describe)
 
     p = sub.add_parser("load", help="load a model version (admin)")
     p.add_argument("model", help="NAME or NAME@VERSION")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_load)
 
     p = sub.add_parser("unload", help="unload a model version; in-flight requests finish (admin)")
     p.add_argument("model", help="NAME or NAME@VERSION")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_unload)
