@@ -30,6 +30,7 @@ class Settings:
     port_file: Path | None = None  # written with the bound port once listening (for --port 0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # -1 disables the exporter, 0 picks a free port
+    health_port: int = -1  # plaintext grpc.health.v1 only (kubelet probes); -1: none
     data_dir: Path = field(default_factory=default_data_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     models: tuple[str, ...] = (DEFAULT_MODEL,)  # NAME or NAME@VERSION, loaded at start
@@ -124,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--port-file", type=Path, help="write the bound gRPC port to this file once listening")
     a("--metrics-host", help="Prometheus exporter address (default 127.0.0.1)")
     a("--metrics-port", type=int, help="Prometheus exporter port (default 9464; -1 disables)")
+    a(
+        "--health-port",
+        type=int,
+        help="also serve only grpc.health.v1, in plaintext, on --host:PORT (kubelet gRPC "
+        "probes cannot use TLS); -1 (default) disables",
+    )
     a("--data-dir", type=Path, help="cache, index and golden embeddings (default XDG data dir)")
     a("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     a("--models", type=_parse_list, help="NAME[@VERSION],... to load at start")

@@ -27,7 +27,7 @@ from .._errors import (
     NotFound,
     Unavailable,
 )
-from .._metrics import METRICS
+from .._metrics import METRICS, fingerprint_label
 from .._settings import Settings
 from ..backbones import Backbone, load_backbone
 from ..models import (
@@ -260,9 +260,9 @@ class ModelManager:
                 on_batch=lambda n, _s: METRICS.batch_size.labels(
                     manifest.name, manifest.version
                 ).observe(n),
-                on_depth=lambda d: METRICS.queue_depth.labels(manifest.name, manifest.version).set(
-                    d
-                ),
+                on_depth=METRICS.queue_depth.labels(
+                    manifest.name, manifest.version, fingerprint_label(model.identity.fingerprint)
+                ).set,
             )
             model.load_seconds = time.perf_counter() - started
             for hook in self.before_serving:
@@ -316,7 +316,7 @@ class ModelManager:
         model.backbone.close()
         with self._lock:
             self._entries.pop(key, None)
-        METRICS.forget_model(manifest.name, manifest.version)
+        METRICS.forget_model(manifest.name, manifest.version, model.identity.fingerprint)
         log.info("%s unloaded", manifest.ref)
         self._notify("unloaded", model)
         return model.identity
