@@ -12,11 +12,14 @@ import numpy as np
 
 from .._client import Client
 from .._types import POOLINGS
+from . import _ray
 from ._format import Progress, message_dict, print_json, print_table
 from ._inputs import collect_images
 
 
 def cmd_extract(args: argparse.Namespace, client: Client) -> int:
+    if args.ray:
+        return _ray.cmd_extract_ray(args)
     files = collect_images(args.inputs)
     if not files:
         print("no image files found", file=sys.stderr)
@@ -176,6 +179,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="inputs per stream message")
     p.add_argument("--out", required=True, help="output .npy (.npz for several layers)")
     add_expect_fingerprint(p)
+    _ray.add_extract_arguments(p)
     p.set_defaults(handler=cmd_extract)
 
     p = sub.add_parser("models", help="list registered model versions and their state")
