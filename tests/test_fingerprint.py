@@ -168,8 +168,15 @@ def test_a_pinned_client_is_refused_by_the_replica_with_another_manifest(tmp_pat
         tmp_path / "b", "--models", "lite_replica", "--models-dir", str(bad),
         "--require-fingerprint", pin, name="b-pinned",
     )  # fmt: skip
-    with pytest.raises(RuntimeError, match=f"has fingerprint {other}"):
-        b_pinned.start(wait=120)  # never SERVING: start() gives up, kills it, shows its log
+    try:
+        b_pinned.start(service="live")  # alive, its startup load attempted
+        with Client(b_pinned.address) as cb:
+            assert cb.health("model:lite_replica@1") == "NOT_SERVING"
+            assert cb.health() == "NOT_SERVING"
+    finally:
+        b_pinned.stop()
+    log = b_pinned.log.read_text()
+    assert f"has fingerprint {other}" in log and expected in log
 
 
 # --- shipped, read-only golden records --------------------------------------------------------
