@@ -45,6 +45,7 @@ from ._output import (
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 FLUSH_ROWS = 4096
+MAX_BLOCKS = 20_000
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -370,8 +371,8 @@ def extract_to_parquet(
             # failed check is final: constructors are not retried.
             context.wait_for_min_actors_s = int(actor_start_timeout_s)
             context.actor_init_retry_on_errors = False
-            # Enough blocks for every actor to start; few enough to stay cheap per block.
-            blocks = min(len(todo), max(2 * actors, -(-len(todo) // (16 * batch_size))))
+            # A block per batch (results stream back, progress moves) up to MAX_BLOCKS.
+            blocks = min(len(todo), max(2 * actors, min(MAX_BLOCKS, -(-len(todo) // batch_size))))
             ds: ray.data.Dataset = ray.data.from_items(
                 [{"path": p} for p in todo], override_num_blocks=blocks
             )
