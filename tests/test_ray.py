@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -223,3 +224,71 @@ def test_the_cli_form(job, cluster, images, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "7 already done, 0 rows and 0 errors written" in result.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes started (transitively) by `pid`: the Ray processes this test started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _embedder_actor_pids() -> list[int]:
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "MapWorker" in title and "Embedder" in title:
+            pids.append(pid)
+    return pids
+
+
+def test_killing_an_actor_mid_job_never_leaves_a_silent_gap(cluster, photos, data_dir, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(16):
+        name = list(photos)[i % len(photos)]
+        (folder / f"{i:02d}-{name}.jpg").write_bytes(photos[name])
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_one(done: int, _total: int, _seconds: float) -> None:
+        if done >= 2 and not killed:
+            pids = _embedder_actor_pids()
+            assert pids, "no Embedder actor process found"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    try:
+        first = extract_to_parquet(
+            [folder], MODEL, out, layer="features", address=cluster, batch_size=1,
+            data_dir=data_dir, progress=kill_one,
+        )  # fmt: skip
+        complete = first.verdict is not None and first.verdict.ok
+    except Exception as exc:  # the job may fail with its actor: then it must say so
+        print(f"job failed with its actor: {type(exc).__name__}")
+        complete = False
+    assert killed
+    verdict = verify(out)
+    print(f"after the kill: complete={complete}, {verdict.describe()}")
+    assert not verdict.duplicates
+    if not complete:
+        assert not verdict.ok and verdict.missing  # reported, never silent
+        extract_to_parquet(
+            [folder], MODEL, out, layer="features", address=cluster, data_dir=data_dir
+        )
+    final = verify(out)
+    assert final.ok and final.rows == 16 and not final.duplicates, final.describe()
