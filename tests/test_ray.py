@@ -24,7 +24,8 @@ from helpers import encode, free_port
 
 from embedwarden.client import InvalidArgument
 from embedwarden.ray import ClusterError, OutputError, extract_to_parquet, verify
-from embedwarden.server import FingerprintMismatch, build_registry
+from embedwarden.ray._actor import ActorConfig, Embedder
+from embedwarden.server import ConsistencyFailure, FingerprintMismatch, build_registry
 
 pytestmark = pytest.mark.slow
 
@@ -292,3 +293,42 @@ def test_killing_an_actor_mid_job_never_leaves_a_silent_gap(cluster, photos, dat
         )
     final = verify(out)
     assert final.ok and final.rows == 16 and not final.duplicates, final.describe()
+
+
+def _config(data_dir: Path, **changes: object) -> ActorConfig:
+    from embedwarden.ray._job import golden_record
+
+    folder, files = golden_record(MODEL, "1", data_dir, (), "cpu", 1)
+    values: dict[str, object] = {
+        "model": MODEL, "version": "1", "fingerprint": FINGERPRINT, "layer": "features",
+        "pooling": "avg", "dtype": "float32", "dimension": 1280, "golden_folder": folder,
+        "golden_files": files,
+    }  # fmt: skip
+    values.update(changes)
+    return ActorConfig(**values)  # type: ignore[arg-type]
+
+
+def test_the_actor_refuses_another_fingerprint_and_a_golden_record_that_differs(data_dir):
+    """The actor's own checks, in this process: the driver's fingerprint, the shipped record."""
+    with pytest.raises(FingerprintMismatch, match="0" * 64):
+        Embedder(_config(data_dir, fingerprint="0" * 64))
+    good = _config(data_dir)
+    tampered = dict(good.golden_files)
+    record = json.loads(tampered["record.json"])
+    record["state_checksum"] = "0" * 64  # another model's weights were recorded
+    tampered["record.json"] = json.dumps(record).encode()
+    with pytest.raises(ConsistencyFailure, match="weights"):
+        Embedder(_config(data_dir, golden_files=tampered))
+
+
+def test_a_failing_check_in_the_actors_fails_the_job_before_writing(
+    cluster, images, data_dir, tmp_path
+):
+    shipped = tmp_path / "data"
+    shutil.copytree(data_dir / "golden", shipped / "golden")
+    (arrays,) = (shipped / "golden").glob("*/arrays.npz")
+    arrays.write_bytes(arrays.read_bytes()[:-100])  # a corrupted record
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="golden record"):
+        extract_to_parquet([images], MODEL, out, address=cluster, data_dir=shipped)
+    assert not out.exists()
