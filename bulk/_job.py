@@ -157,10 +157,28 @@ def golden_record(
 # --- the cluster ---------------------------------------------------------------------------
 
 
+def _probe_gcs(address: str, timeout: float) -> None:
+    """One call to the cluster's GCS (its head's gRPC service): `ray.init` on anything else
+    retries for ever. (Ray's generated stubs: the Ray version is pinned.)"""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
+            stub.GetClusterId(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "no answer"
+            raise ClusterError(
+                f"{address} is not a Ray cluster's head (its GCS did not answer: {code}); pass "
+                "the address `ray start --head` printed"
+            ) from None
+
+
 def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """`ray.init` on an address that answers as a Ray cluster (its GCS is a gRPC server),
     within `timeout`; a clear ClusterError otherwise, before anything runs."""
-    import grpc
     import ray
 
     if address != "auto":
@@ -169,13 +187,12 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             raise ClusterError(f"--ray {address!r}: expected auto or HOST:PORT")
         try:
             socket.create_connection((host, int(port)), timeout=timeout).close()
-            with grpc.insecure_channel(address) as channel:
-                grpc.channel_ready_future(channel).result(timeout=timeout)
-        except (OSError, grpc.FutureTimeoutError):
+        except OSError:
             raise ClusterError(
                 f"no Ray cluster answers at {address} (within {timeout:.0f}s); start one with "
                 "`ray start --head --port PORT` and pass its HOST:PORT"
             ) from None
+        _probe_gcs(address, timeout)
         # A driver runs on a node of the cluster; on loopback clusters, on that address.
         node_ip = host if host.startswith("127.") else None
     else:
@@ -283,6 +300,70 @@ def _check_folder(out: Path, fingerprint: str, layer: str, pooling: str, dtype: 
                 raise OutputError(f"{out} holds {key} {meta[key]!r}, this job asks for {value!r}")
 
 
+@dataclass(frozen=True)
+class _Pool:
+    actors: int
+    actor_cpus: float
+    read_cpus: float
+    batch_size: int
+    actor_start_timeout_s: float
+
+
+def _run(
+    todo: list[str],
+    config: ActorConfig,
+    pool: _Pool,
+    out: Path,
+    all_inputs: list[str],
+    summary: Summary,
+    progress: Callable[[int, int, float], None] | None,
+) -> None:
+    """The Ray Data pipeline, consumed on the driver into whole Parquet files."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    context = ray.data.DataContext.get_current()
+    # Every actor loads and checks its model before any input is dispatched (a job that cannot
+    # get its actors fails after actor_start_timeout_s, never hangs), and a failed check is
+    # final: constructors are not retried.
+    context.wait_for_min_actors_s = int(pool.actor_start_timeout_s)
+    context.actor_init_retry_on_errors = False
+    # A block per batch (results stream back, progress moves) up to MAX_BLOCKS.
+    batches = -(-len(todo) // pool.batch_size)
+    blocks = min(len(todo), max(2 * pool.actors, min(MAX_BLOCKS, batches)))
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"path": p} for p in todo], override_num_blocks=blocks
+    )
+    ds = ds.map_batches(
+        read_inputs,  # type: ignore[arg-type]  # its keyword argument: fn_kwargs
+        fn_kwargs={"max_file_bytes": config.max_file_bytes},
+        batch_size=pool.batch_size,
+        num_cpus=pool.read_cpus,
+    )
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"config": config},
+        compute=ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=pool.actor_cpus,
+        batch_size=pool.batch_size,
+    )
+    writer = _Writer(out, summary.spec)
+    wrote_inputs = False
+    running = time.perf_counter()  # the rate counts the pipeline, not the set-up
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if not wrote_inputs:  # the actors passed their checks: the job is on
+            write_inputs(out, all_inputs, summary.spec)
+            wrote_inputs = True
+        rows, errors, nodes = writer.add(batch)
+        summary.rows += rows
+        summary.errors += errors
+        summary.nodes.update(nodes)
+        if progress is not None:
+            count = summary.rows + summary.errors
+            progress(count, len(todo), time.perf_counter() - running)
+    writer.flush()
+
+
 def extract_to_parquet(
     inputs: Sequence[str | Path],
     model: str,
@@ -307,8 +388,6 @@ def extract_to_parquet(
     """Embeds every input into a Parquet dataset at `out` on the Ray cluster at `address`;
     resumes a folder of the same job. Returns the summary (with the folder's verdict)."""
     import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
 
     from embedwarden.server import Settings, build_registry
     from embedwarden.server.models import check_fingerprint, parse_fingerprint, parse_model_ref
@@ -337,77 +416,45 @@ def extract_to_parquet(
             if digest is not None and digest in done:
                 continue
         todo.append(path)
-    golden_id = state.golden_id
-    if todo:
-        folder, files = golden_record(
-            manifest.name, manifest.version, data_dir, models_dirs, device, threads
-        )
-        golden_id = f"{folder}:{hashlib.sha256(files['record.json']).hexdigest()[:16]}"
-    spec = JobSpec(
-        manifest.name, manifest.version, fingerprint, layer, pooling, dtype, dimension, golden_id
-    )
-    summary = Summary(spec, len(paths), len(paths) - len(todo), 0, 0, 0.0)
     all_inputs = sorted(set(state.inputs) | set(paths))
-    if todo:
-        config = ActorConfig(
-            manifest.name,
-            manifest.version,
-            fingerprint,
-            layer,
-            pooling,
-            dtype,
-            dimension,
-            folder,
-            files,
-            models_dirs=tuple(str(Path(d).resolve()) for d in models_dirs),
-            device=device,
-            threads=threads,
-        )
-        connect(address)
+    if not todo:
+        spec = JobSpec(
+            manifest.name, manifest.version, fingerprint, layer, pooling, dtype, dimension,
+            state.golden_id,
+        )  # fmt: skip
+        summary = Summary(spec, len(paths), len(paths), 0, 0, 0.0)
+        if not state.inputs or set(paths) - set(state.inputs):
+            write_inputs(out, all_inputs, spec)
+    else:
+        connect(address)  # a cluster that is not there fails before any model is loaded
         try:
-            context = ray.data.DataContext.get_current()
-            # Every actor loads and checks its model before any input is dispatched (a job
-            # that cannot get its actors fails after actor_start_timeout_s, never hangs), and a
-            # failed check is final: constructors are not retried.
-            context.wait_for_min_actors_s = int(actor_start_timeout_s)
-            context.actor_init_retry_on_errors = False
-            # A block per batch (results stream back, progress moves) up to MAX_BLOCKS.
-            blocks = min(len(todo), max(2 * actors, min(MAX_BLOCKS, -(-len(todo) // batch_size))))
-            ds: ray.data.Dataset = ray.data.from_items(
-                [{"path": p} for p in todo], override_num_blocks=blocks
+            folder, files = golden_record(
+                manifest.name, manifest.version, data_dir, models_dirs, device, threads
             )
-            ds = ds.map_batches(
-                read_inputs,  # type: ignore[arg-type]  # its keyword argument: fn_kwargs
-                fn_kwargs={"max_file_bytes": config.max_file_bytes},
-                batch_size=batch_size,
-                num_cpus=read_cpus,
+            golden_id = f"{folder}:{hashlib.sha256(files['record.json']).hexdigest()[:16]}"
+            spec = JobSpec(
+                manifest.name, manifest.version, fingerprint, layer, pooling, dtype, dimension,
+                golden_id,
+            )  # fmt: skip
+            summary = Summary(spec, len(paths), len(paths) - len(todo), 0, 0, 0.0)
+            config = ActorConfig(
+                manifest.name,
+                manifest.version,
+                fingerprint,
+                layer,
+                pooling,
+                dtype,
+                dimension,
+                folder,
+                files,
+                models_dirs=tuple(str(Path(d).resolve()) for d in models_dirs),
+                device=device,
+                threads=threads,
             )
-            ds = ds.map_batches(
-                Embedder,
-                fn_constructor_kwargs={"config": config},
-                compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-                num_cpus=actor_cpus,
-                batch_size=batch_size,
-            )
-            writer = _Writer(out, spec)
-            wrote_inputs = False
-            running = time.perf_counter()  # the rate counts the pipeline, not the set-up
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if not wrote_inputs:  # the actors passed their checks: the job is on
-                    write_inputs(out, all_inputs, spec)
-                    wrote_inputs = True
-                rows, errors, nodes = writer.add(batch)
-                summary.rows += rows
-                summary.errors += errors
-                summary.nodes.update(nodes)
-                if progress is not None:
-                    count = summary.rows + summary.errors
-                    progress(count, len(todo), time.perf_counter() - running)
-            writer.flush()
+            pool = _Pool(actors, actor_cpus, read_cpus, batch_size, actor_start_timeout_s)
+            _run(todo, config, pool, out, all_inputs, summary, progress)
         finally:
             ray.shutdown()
-    elif not state.inputs or set(paths) - set(state.inputs):
-        write_inputs(out, all_inputs, spec)
     summary.seconds = time.perf_counter() - started
     summary.verdict = verify(out)
     return summary
