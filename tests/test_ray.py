@@ -23,7 +23,7 @@ import pytest
 from helpers import encode, free_port
 
 from embedwarden.client import InvalidArgument
-from embedwarden.ray import ClusterError, OutputError, extract_to_parquet, verify
+from embedwarden.ray import ClusterError, JobSpec, OutputError, extract_to_parquet, verify
 from embedwarden.ray._actor import ActorConfig, Embedder
 from embedwarden.server import ConsistencyFailure, FingerprintMismatch, build_registry
 
@@ -342,3 +342,28 @@ def test_a_failing_check_in_the_actors_fails_the_job_before_writing(
     with pytest.raises(Exception, match="golden record"):
         extract_to_parquet([images], MODEL, out, address=cluster, data_dir=shipped)
     assert not out.exists()
+
+
+def test_float16_rows_are_a_fixed_size_list_of_halves(tmp_path):
+    from embedwarden.ray._job import _Writer
+
+    spec = JobSpec(MODEL, "1", FINGERPRINT, "features", "avg", "float16", 3, "g")
+    writer = _Writer(tmp_path, spec)
+    vectors = np.array([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], dtype=np.float16)
+    writer.add(
+        {
+            "path": np.array(["/a.jpg", "/b.jpg"], dtype=object),
+            "sha256": np.array(["aa", ""], dtype=object),
+            "embedding": vectors,
+            "error": np.array(["", "could not decode"], dtype=object),
+            "transient": np.array([False, False]),
+            "node": np.array([HEAD, HEAD], dtype=object),
+        }
+    )
+    writer.flush()
+    (rows,) = (tmp_path / "rows").glob("part-*")
+    table = pq.read_table(rows)
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 3)
+    assert table.column("embedding").to_pylist() == [[0.5, -1.0, 2.0]]
+    (errors,) = (tmp_path / "errors").glob("part-*")
+    assert pq.read_table(errors).column("reason").to_pylist() == ["could not decode"]
