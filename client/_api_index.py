@@ -151,6 +151,7 @@ class IndexAPI(ClientBase):
         pooling: str = "default",
         metric: str = "cosine",
         kind: str = "flat",
+        expect_fingerprint: str = "",
         **params: int,
     ) -> CollectionInfo:
         """Creates (or, with the same definition, returns) a collection bound to `model`
@@ -161,7 +162,7 @@ class IndexAPI(ClientBase):
             raise ValueError(f"unknown index parameters {unknown}; known: {list(PARAM_NAMES)}")
         request = index_pb2.CreateCollectionRequest(
             name=name,
-            model=model_ref(model),
+            model=model_ref(model, fingerprint=expect_fingerprint),
             layer=layer,
             pooling=_choice(POOLINGS, pooling, "pooling"),
             metric=_choice(METRICS, metric, "metric"),

@@ -124,11 +124,13 @@ class VerifyAPI(ClientBase):
         pipeline: str = "",
         cache: str = "on",
         diagnose: bool = True,
+        expect_fingerprint: str = "",
         timeout: float | None = None,
     ) -> VerifyReport:
         """Checks the vectors your pipeline made for `images` (one row per image, in order)
         against the server's reference for `model`; failing rows are diagnosed against the
-        catalogue of known preprocessing mistakes."""
+        catalogue of known preprocessing mistakes. `expect_fingerprint` pins the version: a
+        server whose version has another fingerprint raises FailedPrecondition."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
         if cache not in CACHE_MODES:
@@ -139,7 +141,7 @@ class VerifyAPI(ClientBase):
             for v in (np.asarray(v) for v in vectors)
         ]
         request = embedding_pb2.VerifyRequest(
-            model=model_ref(model, version),
+            model=model_ref(model, version, expect_fingerprint),
             layer=layer,
             pooling=POOLINGS[pooling],
             normalize=normalize,

@@ -18,7 +18,7 @@ from ._api_index import IndexAPI
 from ._api_parity import ParityAPI
 from ._api_verify import VerifyAPI
 from ._base import ClientBase, default_address
-from ._exceptions import from_rpc_error, from_status
+from ._exceptions import FailedPrecondition, from_rpc_error, from_status
 from ._types import (
     CACHE_MODES,
     DTYPES,
@@ -93,6 +93,7 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
         dtype: str,
         normalize: bool,
         cache: str,
+        expect_fingerprint: str = "",
     ) -> embedding_pb2.ExtractRequest:
         layer_list = [layers] if isinstance(layers, str) else list(layers or [])
         for what, value, table in (
@@ -103,7 +104,7 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
             if value not in table:
                 raise ValueError(f"{what} must be one of {sorted(table)}, got {value!r}")
         return embedding_pb2.ExtractRequest(
-            model=model_ref(model, version),
+            model=model_ref(model, version, expect_fingerprint),
             layers=layer_list,
             pooling=POOLINGS[pooling],
             dtype=DTYPES[dtype],
@@ -124,14 +125,17 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
         normalize: bool = False,
         cache: str = "on",
         timeout: float | None = None,
+        expect_fingerprint: str = "",
     ) -> Extraction:
         """Embeds `images` (bytes, paths or uint8 RGB arrays); arrays come back in input order.
 
-        `model` may be "name" or "name@version"; the result names the exact version used."""
+        `model` may be "name" or "name@version"; the result names the exact version used.
+        `expect_fingerprint` pins it: another fingerprint raises FailedPrecondition."""
         request = self._extract_request(
-            images, model, version, layers, pooling, dtype, normalize, cache
+            images, model, version, layers, pooling, dtype, normalize, cache, expect_fingerprint
         )
-        return Extraction.from_proto(self._call(self._embedding.Extract, request, timeout))
+        result = Extraction.from_proto(self._call(self._embedding.Extract, request, timeout))
+        return _checked(result, expect_fingerprint)
 
     def extract_stream(
         self,
@@ -146,6 +150,7 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
         normalize: bool = False,
         cache: str = "on",
         timeout: float | None = None,
+        expect_fingerprint: str = "",
     ) -> Iterator[Extraction]:
         """Bulk extraction over one bidirectional stream: yields one Extraction per chunk of
         `batch_size` inputs, in order. A failing chunk raises its typed error."""
@@ -165,7 +170,15 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
                 yield embedding_pb2.ExtractStreamRequest(
                     request_id=str(i),
                     request=self._extract_request(
-                        chunk, model, version, layers, pooling, dtype, normalize, cache
+                        chunk,
+                        model,
+                        version,
+                        layers,
+                        pooling,
+                        dtype,
+                        normalize,
+                        cache,
+                        expect_fingerprint,
                     ),
                 )
 
@@ -178,7 +191,7 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
                     raise from_status(
                         message.error.code, f"chunk {message.request_id}: {message.error.message}"
                     )
-                yield Extraction.from_proto(message.response)
+                yield _checked(Extraction.from_proto(message.response), expect_fingerprint)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -193,21 +206,43 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
             self._call(self._embedding.ListModels, embedding_pb2.ListModelsRequest()).models
         )
 
-    def describe_model(self, model: str, version: str = "") -> embedding_pb2.DescribeModelResponse:
-        request = embedding_pb2.DescribeModelRequest(model=model_ref(model, version))
+    def describe_model(
+        self, model: str, version: str = "", *, expect_fingerprint: str = ""
+    ) -> embedding_pb2.DescribeModelResponse:
+        request = embedding_pb2.DescribeModelRequest(
+            model=model_ref(model, version, expect_fingerprint)
+        )
         response: embedding_pb2.DescribeModelResponse = self._call(
             self._embedding.DescribeModel, request
         )
         return response
 
     def load_model(
-        self, model: str, version: str = "", timeout: float | None = 600.0
+        self,
+        model: str,
+        version: str = "",
+        timeout: float | None = 600.0,
+        *,
+        expect_fingerprint: str = "",
     ) -> admin_pb2.LoadModelResponse:
-        request = admin_pb2.LoadModelRequest(model=model_ref(model, version))
+        request = admin_pb2.LoadModelRequest(model=model_ref(model, version, expect_fingerprint))
         response: admin_pb2.LoadModelResponse = self._call(self._admin.LoadModel, request, timeout)
         return response
 
-    def unload_model(self, model: str, version: str = "") -> admin_pb2.UnloadModelResponse:
-        request = admin_pb2.UnloadModelRequest(model=model_ref(model, version))
+    def unload_model(
+        self, model: str, version: str = "", *, expect_fingerprint: str = ""
+    ) -> admin_pb2.UnloadModelResponse:
+        request = admin_pb2.UnloadModelRequest(model=model_ref(model, version, expect_fingerprint))
         response: admin_pb2.UnloadModelResponse = self._call(self._admin.UnloadModel, request)
         return response
+
+
+def _checked(result: Extraction, expect_fingerprint: str) -> Extraction:
+    """The server enforces a pin; this also refuses a server too old to know the field."""
+    expected = expect_fingerprint.strip().lower()
+    if expected and result.model.fingerprint != expected:
+        raise FailedPrecondition(
+            f"{result.model.name}@{result.model.version} answered with fingerprint "
+            f"{result.model.fingerprint}, but the request pins {expected}"
+        )
+    return result

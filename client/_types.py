@@ -31,11 +31,12 @@ CACHE_MODES = {
 }
 
 
-def model_ref(model: str, version: str = "") -> types_pb2.ModelRef:
-    """'name', or 'name@version' when `version` is not given separately."""
+def model_ref(model: str, version: str = "", fingerprint: str = "") -> types_pb2.ModelRef:
+    """'name', or 'name@version' when `version` is not given separately. A `fingerprint`
+    pins the exact version: a server whose version has another one refuses the call."""
     if "@" in model and not version:
         model, version = model.split("@", 1)
-    return types_pb2.ModelRef(name=model, version=version)
+    return types_pb2.ModelRef(name=model, version=version, fingerprint=fingerprint)
 
 
 def image_input(image: ImageLike) -> types_pb2.Input:

@@ -56,6 +56,13 @@ SERVICE_NAMES = (
 )
 
 
+# SERVING once the startup loads were attempted, whatever their outcome, until shutdown: a
+# process that answers it is alive (startup and liveness probes). Whether it may take traffic
+# is what the model names and "" say (readiness): a model that failed its checks is drained,
+# not restarted.
+LIVE_NAME = "live"
+
+
 def model_health_name(manifest: Manifest) -> str:
     """Per-model health service name, e.g. `model:efficientnet_lite0@1`."""
     return f"model:{manifest.ref}"
@@ -91,7 +98,9 @@ class Application:
             ParityMonitor(self.models, pairs, self.settings.check_interval_s) if pairs else None
         )
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None  # --health-port
         self.port = 0
+        self.health_port = 0
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         self.startup_done = threading.Event()
@@ -144,6 +153,7 @@ class Application:
         overall = serving if self.overall_serving() else not_serving
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, overall)
+        await self.health.set(LIVE_NAME, serving if self.startup_done.is_set() else not_serving)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -177,6 +187,8 @@ class Application:
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await server.start()
+        if self.settings.health_port >= 0:
+            await self._start_health_server()
         if self.settings.port_file is not None:
             _write_port_file(self.settings.port_file, self.port)
         self.server = server
@@ -199,6 +211,18 @@ class Application:
         threading.Thread(target=self._load_startup_models, name="startup-load", daemon=True).start()
         return self.port
 
+    async def _start_health_server(self) -> None:
+        """Health only, in plaintext on any address: kubelet gRPC probes cannot use TLS, and
+        health carries no data (it is open without a token on the main port too)."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        host = self.settings.address.rsplit(":", 1)[0]
+        self.health_port = server.add_insecure_port(f"{host}:{self.settings.health_port}")
+        if self.health_port == 0:
+            raise OSError(f"could not bind the health port {host}:{self.settings.health_port}")
+        await server.start()
+        self.health_server = server
+
     def _load_startup_models(self) -> None:
         try:
             for ref in self.settings.models:
@@ -216,6 +240,8 @@ class Application:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         # The monitor before the models: a running check would delay their unload.
         await asyncio.to_thread(self.monitor.close)
         await asyncio.to_thread(self.models.close)

@@ -31,7 +31,9 @@ class FailedPrecondition(EmbedwardenError):
 
 
 class FingerprintMismatch(FailedPrecondition):
-    """Vectors of one model version sent to a collection bound to another."""
+    """Two fingerprints that must be equal are not: vectors of one model version sent to a
+    collection bound to another, a request (`ModelRef.fingerprint`) or `--require-fingerprint`
+    pinning a fingerprint the server's version does not have."""
 
 
 class WeightsVerificationError(FailedPrecondition):

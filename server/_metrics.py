@@ -29,6 +29,14 @@ LATENCY_BUCKETS = tuple(0.0001 * 2**i for i in range(21))
 BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 .. 1024
 
 
+FINGERPRINT_LABEL_DIGITS = 16
+
+
+def fingerprint_label(fingerprint: str) -> str:
+    """The short form of a fingerprint used as a label value (Kubernetes allows 63 chars)."""
+    return fingerprint[:FINGERPRINT_LABEL_DIGITS]
+
+
 class Metrics:
     """Holds the metric objects; `METRICS` is the process-wide instance."""
 
@@ -71,10 +79,12 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # `fingerprint` (its first 16 hex digits, a valid Kubernetes label value): an HPA of
+        # one fingerprint's replicas selects its own queue through prometheus-adapter.
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
             "Inputs waiting for inference, per model.",
-            ["model", "version"],
+            ["model", "version", "fingerprint"],
             registry=r,
         )
         self.rejected = Counter(
@@ -255,10 +265,10 @@ class Metrics:
     def set_flags(self, flags: Mapping[str, str]) -> None:
         self.process_flags.info(dict(flags))
 
-    def forget_model(self, model: str, version: str) -> None:
+    def forget_model(self, model: str, version: str, fingerprint: str) -> None:
         """Drops per-model gauges of an unloaded model so dashboards don't show stale values."""
         self.model_serving.labels(model, version).set(0)
-        self.queue_depth.labels(model, version).set(0)
+        self.queue_depth.labels(model, version, fingerprint_label(fingerprint)).set(0)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP exporter; returns the bound port (port 0 picks a free one)."""

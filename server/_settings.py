@@ -30,6 +30,7 @@ class Settings:
     port_file: Path | None = None  # written with the bound port once listening (for --port 0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # -1 disables the exporter, 0 picks a free port
+    health_port: int = -1  # plaintext grpc.health.v1 only (kubelet probes); -1: none
     data_dir: Path = field(default_factory=default_data_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     models: tuple[str, ...] = (DEFAULT_MODEL,)  # NAME or NAME@VERSION, loaded at start
@@ -65,6 +66,8 @@ class Settings:
     verify_diagnosis_seconds: float = 10.0  # diagnosis time per Verify request at most
     verify_max_pipelines: int = 64  # distinct `pipeline` label values in metrics
     parity_pairs: tuple[str, ...] = ()  # "A;B" pairs of NAME[@VERSION], comma-separated
+    require_fingerprints: tuple[str, ...] = ()  # NAME@VERSION=HEX: refuse to load another one
+    shipped_golden_dir: Path | None = None  # read-only golden records (--golden-dir)
     log_level: str = "INFO"
 
     @property
@@ -125,6 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--port-file", type=Path, help="write the bound gRPC port to this file once listening")
     a("--metrics-host", help="Prometheus exporter address (default 127.0.0.1)")
     a("--metrics-port", type=int, help="Prometheus exporter port (default 9464; -1 disables)")
+    a(
+        "--health-port",
+        type=int,
+        help="also serve only grpc.health.v1, in plaintext, on --host:PORT (kubelet gRPC "
+        "probes cannot use TLS); -1 (default) disables",
+    )
     a("--data-dir", type=Path, help="cache, index and golden embeddings (default XDG data dir)")
     a("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     a("--models", type=_parse_list, help="NAME[@VERSION],... to load at start")
@@ -208,6 +217,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--verify-max-pipelines", type=int, help="distinct pipeline labels in metrics (default 64)")
     a("--parity-pairs", type=_parse_list, help="A;B model pairs compared periodically")
+    a(
+        "--require-fingerprint",
+        dest="require_fingerprints",
+        action="append",
+        metavar="NAME@VERSION=HEX",
+        help="refuse to load NAME@VERSION unless its fingerprint is HEX (repeatable)",
+    )
+    a(
+        "--golden-dir",
+        dest="shipped_golden_dir",
+        type=Path,
+        help="read-only golden records shipped with the deployment: checked against, never "
+        "written (default: record into the data dir on first load)",
+    )
     a("--log-level", help="DEBUG, INFO, WARNING, ERROR")
 
 

@@ -49,8 +49,10 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, wait: float = 300.0) -> ServerProcess:
-        """Spawns the server and returns once its health service reports SERVING."""
+    def start(self, wait: float = 300.0, service: str = "") -> ServerProcess:
+        """Spawns the server and returns once its health service reports SERVING for
+        `service` ("" overall; "live" once the startup loads were attempted, whatever their
+        outcome)."""
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         cmd = [
@@ -83,7 +85,7 @@ class ServerProcess:
         with Client(self.address, timeout=5) as client:
             while True:
                 try:
-                    if client.health() == "SERVING":
+                    if client.health(service) == "SERVING":
                         break
                 except Exception:
                     pass

@@ -20,7 +20,12 @@ def module_name(path: Path) -> str:
     """The import name of a file under server/, client/ or bench/."""
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
-    prefix = {"server": [SERVER], "client": ["embedwarden.client"], "bench": ["bench"]}
+    prefix = {
+        "server": [SERVER],
+        "client": ["embedwarden.client"],
+        "bulk": ["embedwarden.ray"],
+        "bench": ["bench"],
+    }
     parts = prefix[parts[0]] + parts[1:]
     if parts[-1] == "__init__":
         parts.pop()
@@ -83,7 +88,7 @@ def test_server_packages_import_only_downwards():
 def test_no_private_imports_across_the_client_server_line():
     wrong = [
         f"{path.relative_to(ROOT)} imports {target}"
-        for folder in ("client", "bench")
+        for folder in ("client", "bulk", "bench")
         for path in files(folder)
         for target in imports(path)
         if is_private(target, SERVER)

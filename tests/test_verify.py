@@ -220,6 +220,18 @@ def test_unknown_layer_and_bad_pipeline_name_are_invalid_argument(client, photos
         client.verify(images, vectors, MODEL, layer="features", pipeline="bad name!")
 
 
+def test_a_pinned_fingerprint_of_another_version_is_failed_precondition(client, photos):
+    from embedwarden.client import FailedPrecondition
+
+    images = [photos["chelsea"]]
+    vectors = client.extract(images, MODEL).array
+    fingerprint = client.describe_model(MODEL).summary.identity.fingerprint
+    pinned = client.verify(images, vectors, MODEL, expect_fingerprint=fingerprint)
+    assert pinned.verdict == "pass" and pinned.model.fingerprint == fingerprint
+    with pytest.raises(FailedPrecondition, match="fingerprint"):
+        client.verify(images, vectors, MODEL, expect_fingerprint="0" * 64)
+
+
 def test_more_vectors_than_inputs_over_raw_grpc(server, photos):
     """Any client, any language: the status code is INVALID_ARGUMENT with what was expected."""
     vector = types_pb2.Tensor(

@@ -17,7 +17,7 @@ from pathlib import Path
 from .._base import default_address
 from .._client import Client
 from .._exceptions import EmbedwardenError
-from . import _cache, _check, _index, _models, _offline, _parity, _verify
+from . import _cache, _check, _index, _models, _offline, _parity, _ray, _verify
 
 # Each entry adds its subcommands; feature modules append theirs here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
@@ -29,6 +29,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
     _check.register,
     _parity.register,
     _verify.register,
+    _ray.register,
 ]
 
 

@@ -12,11 +12,14 @@ import numpy as np
 
 from .._client import Client
 from .._types import POOLINGS
+from . import _ray
 from ._format import Progress, message_dict, print_json, print_table
 from ._inputs import collect_images
 
 
 def cmd_extract(args: argparse.Namespace, client: Client) -> int:
+    if args.ray:
+        return _ray.cmd_extract_ray(args)
     files = collect_images(args.inputs)
     if not files:
         print("no image files found", file=sys.stderr)
@@ -38,6 +41,7 @@ def cmd_extract(args: argparse.Namespace, client: Client) -> int:
         dtype=args.dtype,
         normalize=args.normalize,
         cache=args.cache,
+        expect_fingerprint=args.expect_fingerprint,
     ):
         identity = chunk.model
         for layer, array in chunk.arrays.items():
@@ -103,7 +107,7 @@ def _state_name(state: int) -> str:
 
 
 def cmd_describe(args: argparse.Namespace, client: Client) -> int:
-    info = client.describe_model(args.model)
+    info = client.describe_model(args.model, expect_fingerprint=args.expect_fingerprint)
     if args.json:
         print_json(message_dict(info))
         return 0
@@ -145,7 +149,7 @@ def cmd_describe(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_load(args: argparse.Namespace, client: Client) -> int:
-    response = client.load_model(args.model)
+    response = client.load_model(args.model, expect_fingerprint=args.expect_fingerprint)
     ident = response.model.identity
     print(
         f"{ident.name}@{ident.version} serving (loaded in {response.load_seconds:.2f}s, "
@@ -155,9 +159,18 @@ def cmd_load(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_unload(args: argparse.Namespace, client: Client) -> int:
-    ident = client.unload_model(args.model).model
+    ident = client.unload_model(args.model, expect_fingerprint=args.expect_fingerprint).model
     print(f"{ident.name}@{ident.version} unloaded")
     return 0
+
+
+def add_expect_fingerprint(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--expect-fingerprint",
+        default="",
+        metavar="HEX",
+        help="pin the model version's fingerprint: a server with another one refuses",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -171,6 +184,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cache", default="on", choices=("on", "off", "refresh"))
     p.add_argument("--batch-size", type=int, default=32, help="inputs per stream message")
     p.add_argument("--out", required=True, help="output .npy (.npz for several layers)")
+    add_expect_fingerprint(p)
+    _ray.add_extract_arguments(p)
     p.set_defaults(handler=cmd_extract)
 
     p = sub.add_parser("models", help="list registered model versions and their state")
@@ -180,12 +195,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("describe", help="show a model version's pinned manifest")
     p.add_argument("model", help="NAME or NAME@VERSION")
     p.add_argument("--json", action="store_true")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_describe)
 
     p = sub.add_parser("load", help="load a model version (admin)")
     p.add_argument("model", help="NAME or NAME@VERSION")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_load)
 
     p = sub.add_parser("unload", help="unload a model version; in-flight requests finish (admin)")
     p.add_argument("model", help="NAME or NAME@VERSION")
+    add_expect_fingerprint(p)
     p.set_defaults(handler=cmd_unload)

@@ -15,6 +15,9 @@ environment be compared within tolerance.
 
 A record is never rewritten. To re-record a version on purpose (say after a deliberate library
 upgrade), delete its folder; better, register the new behaviour as a new version.
+
+A store can be read-only (`--golden-dir`: records shipped with a deployment, so that every
+replica checks against the same reference instead of recording its own on a fresh volume).
 """
 
 from __future__ import annotations
@@ -202,8 +205,9 @@ class GoldenStore:
     """Golden records under one folder. Safe for several processes: a record appears whole or
     not at all, and the first writer of a version wins."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, read_only: bool = False) -> None:
         self.root = root
+        self.read_only = read_only
 
     def folder(self, identity: ModelIdentity) -> Path:
         return model_folder(self.root, identity)
@@ -291,6 +295,11 @@ class GoldenStore:
         final = self.folder(identity)
         if final.is_dir():
             return self.load(final)
+        if self.read_only:
+            raise ConsistencyFailure(
+                f"golden records in {self.root} are read-only (--golden-dir); {record.ref} "
+                "has none there"
+            )
         try:
             self._write(record, final)
         except OSError as exc:

@@ -125,7 +125,8 @@ class ConsistencyMonitor:
         self.models = models
         self.registry = registry
         self.cache = cache
-        self.store = GoldenStore(settings.golden_dir)
+        shipped = settings.shipped_golden_dir
+        self.store = GoldenStore(shipped or settings.golden_dir, read_only=shipped is not None)
         self.weights_sample_interval_s: float | None = None  # None: adaptive (~1% of a core)
         self._lock = threading.RLock()
         self._run_lock = threading.Lock()  # one canary run at a time: they compete for cores
@@ -299,7 +300,13 @@ class ConsistencyMonitor:
         golden, problem = self._find_golden(ident, manifest.canonical())
         run = run_canaries(model, canaries())
         recorded_now = False
-        if golden is None and not problem:
+        if golden is None and not problem and self.store.read_only:
+            problem = (
+                f"no golden record of {ident.ref} with fingerprint {ident.fingerprint[:16]} in "
+                f"the shipped --golden-dir {self.store.root} (a read-only reference is never "
+                "recorded by a replica): ship the record made by a first load of this version"
+            )
+        elif golden is None and not problem:
             golden, run, recorded_now = self._record_golden(model, watch, env, run)
         if golden is not None and golden.fingerprint == ident.fingerprint:
             watch.golden = golden

@@ -28,7 +28,13 @@ from ._preprocess import (
     plan_geometry,
     tensor_sha256,
 )
-from ._registry import Registry, build_registry, parse_model_ref
+from ._registry import (
+    Registry,
+    build_registry,
+    check_fingerprint,
+    parse_fingerprint,
+    parse_model_ref,
+)
 from ._weights import (
     VerifiedWeights,
     keras_models_dir,
@@ -55,12 +61,14 @@ __all__ = [
     "VerifiedWeights",
     "allowed_poolings",
     "build_registry",
+    "check_fingerprint",
     "decode",
     "decode_table",
     "exif_orientation",
     "finish",
     "keras_models_dir",
     "output_layout",
+    "parse_fingerprint",
     "parse_manifest",
     "parse_model_ref",
     "plan_geometry",

@@ -14,12 +14,13 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
-from .._errors import InvalidInput, ManifestError, NotFound
+from .._errors import FingerprintMismatch, InvalidInput, ManifestError, NotFound
 from ._manifest import Manifest, load_manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 
 MODEL_REF_RE = re.compile(r"^(?P<name>[^@\s]+)(?:@(?P<version>[^@\s]+))?$")
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
@@ -28,6 +29,29 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
     if not match:
         raise InvalidInput(f"model reference {ref!r}: expected NAME or NAME@VERSION")
     return match["name"], match["version"] or ""
+
+
+def parse_fingerprint(text: str, what: str = "fingerprint") -> str:
+    """A full fingerprint: 64 hex digits (any case), returned in lower case."""
+    value = text.strip().lower()
+    if not FINGERPRINT_RE.match(value):
+        raise InvalidInput(
+            f"{what} {text!r}: expected the 64 hex digits of a model version's fingerprint "
+            "(`embedwarden describe NAME@VERSION` shows it)"
+        )
+    return value
+
+
+def check_fingerprint(manifest: Manifest, expected: str, why: str = "the request pins") -> None:
+    """Raises FingerprintMismatch (FAILED_PRECONDITION) naming both fingerprints when the
+    version's computed fingerprint is not `expected` (a full, lower-case fingerprint)."""
+    actual = manifest.fingerprint()
+    if actual != expected:
+        raise FingerprintMismatch(
+            f"{manifest.ref} has fingerprint {actual}, but {why} {expected}: this server "
+            "runs another definition of that version (manifest or weights); send the request "
+            "to a server of the pinned fingerprint, or pin the fingerprint this one reports"
+        )
 
 
 def _version_key(version: str) -> tuple[int, ...] | tuple[float, str]:
@@ -83,8 +107,15 @@ class Registry:
                 out.append(self.register(parse_manifest(text, f"builtin:{entry.name}")))
         return out
 
-    def resolve(self, name: str, version: str = "") -> Manifest:
-        """The manifest for name@version; an empty version means the default version."""
+    def resolve(self, name: str, version: str = "", fingerprint: str = "") -> Manifest:
+        """The manifest for name@version; an empty version means the default version. With a
+        `fingerprint` (64 hex digits), a version with another one raises FingerprintMismatch."""
+        manifest = self._resolve(name, version)
+        if fingerprint:
+            check_fingerprint(manifest, parse_fingerprint(fingerprint))
+        return manifest
+
+    def _resolve(self, name: str, version: str) -> Manifest:
         with self._lock:
             versions = self._models.get(name)
             if not versions:

@@ -13,7 +13,15 @@ from embedwarden.v1 import admin_pb2, embedding_pb2, types_pb2
 from .._errors import InvalidInput
 from ..cache import CacheStats
 from ..consistency import ParityReport, Report
-from ..models import ImageSource, Manifest, Pooling, RawImage, Registry, allowed_poolings
+from ..models import (
+    ImageSource,
+    Manifest,
+    Pooling,
+    RawImage,
+    Registry,
+    allowed_poolings,
+    parse_fingerprint,
+)
 from ..serving import CacheMode, ExtractOptions, ExtractResult, ModelIdentity, ModelState
 from ._wire import encode_items
 
@@ -56,11 +64,21 @@ def enum_value(table: Mapping[Any, E], value: int, what: str) -> E:
 
 
 def model_ref(
-    ref: types_pb2.ModelRef, required: bool = True, what: str = "model"
+    ref: types_pb2.ModelRef, registry: Registry, *, required: bool = True, what: str = "model"
 ) -> tuple[str, str]:
+    """(name, version) of a ModelRef. Every RPC that takes a ModelRef comes through here, so
+    this is where its `fingerprint` pin is enforced: a pinned ref resolves to its exact version
+    now (FingerprintMismatch, i.e. FAILED_PRECONDITION, naming both when the server's version
+    has another fingerprint; INVALID_ARGUMENT when the pin is not 64 hex digits)."""
     if required and not ref.name:
         raise InvalidInput(f"{what}.name is required (see ListModels for the registered models)")
-    return ref.name, ref.version
+    if not ref.fingerprint:
+        return ref.name, ref.version
+    if not ref.name:
+        raise InvalidInput(f"{what}.fingerprint pins a model: give {what}.name too")
+    fingerprint = parse_fingerprint(ref.fingerprint, f"{what}.fingerprint")
+    manifest = registry.resolve(ref.name, ref.version, fingerprint)
+    return manifest.name, manifest.version
 
 
 def image_source(message: types_pb2.Input, index: int) -> ImageSource:

@@ -22,7 +22,7 @@ from ..index import (
     UpsertItem,
     UpsertResult,
 )
-from ..models import Pooling
+from ..models import Pooling, Registry
 from ..serving import CacheMode, ModelIdentity
 from . import _convert as convert
 
@@ -59,9 +59,9 @@ def _identity(spec: CollectionSpec) -> types_pb2.ModelIdentity:
     )
 
 
-def create_args(request: index_pb2.CreateCollectionRequest) -> dict[str, Any]:
+def create_args(request: index_pb2.CreateCollectionRequest, registry: Registry) -> dict[str, Any]:
     """Keyword arguments of `IndexManager.create`."""
-    name, version = convert.model_ref(request.model)
+    name, version = convert.model_ref(request.model, registry)
     return {
         "name": request.name,
         "model_name": name,

@@ -19,7 +19,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def CreateCollection(
         self, request: index_pb2.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> index_pb2.CreateCollectionResponse:
-        args = convert.create_args(request)
+        args = convert.create_args(request, self.index.registry)
         info = await self.index.run_write(lambda: self.index.create(**args))
         return index_pb2.CreateCollectionResponse(collection=convert.collection_info(info))
 

@@ -86,7 +86,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def _extract(
         self, request: embedding_pb2.ExtractRequest
     ) -> embedding_pb2.ExtractResponse:
-        name, version = convert.model_ref(request.model)
+        name, version = convert.model_ref(request.model, self.registry)
         options = convert.extract_options(request)
         sources = convert.image_sources(request.inputs)
         result = await self.extraction.extract(name, version, sources, options)
@@ -154,7 +154,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def DescribeModel(
         self, request: embedding_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
     ) -> embedding_pb2.DescribeModelResponse:
-        name, version = convert.model_ref(request.model)
+        name, version = convert.model_ref(request.model, self.registry)
         manifest = self.registry.resolve(name, version)
         summary = summarize(manifest, self.models, self.registry)
         return convert.describe_model(manifest, summary, self.device)
@@ -163,7 +163,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def Verify(
         self, request: embedding_pb2.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> embedding_pb2.VerifyResponse:
-        name, version = convert.model_ref(request.model)
+        name, version = convert.model_ref(request.model, self.registry)
         sources = convert.image_sources(request.inputs)
         vectors = [convert.vector(v, f"vectors[{i}]") for i, v in enumerate(request.vectors)]
         options = verify_convert.verify_options(request)
@@ -198,7 +198,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def LoadModel(
         self, request: admin_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.LoadModelResponse:
-        name, version = convert.model_ref(request.model)
+        name, version = convert.model_ref(request.model, self.registry)
         model = await asyncio.to_thread(self.models.load, name, version)
         return admin_pb2.LoadModelResponse(
             model=summarize(model.manifest, self.models, self.registry),
@@ -209,7 +209,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def UnloadModel(
         self, request: admin_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UnloadModelResponse:
-        name, version = convert.model_ref(request.model)
+        name, version = convert.model_ref(request.model, self.registry)
         identity = await asyncio.to_thread(self.models.unload, name, version, self.settings.grace_s)
         return admin_pb2.UnloadModelResponse(model=convert.identity(identity))
 
@@ -232,7 +232,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise FailedPrecondition("this server runs without a cache (--cache false)")
         fingerprint = None
         if request.HasField("model"):
-            name, version = convert.model_ref(request.model)
+            name, version = convert.model_ref(request.model, self.registry)
             if not version:
                 raise InvalidInput(
                     f"purge one version at a time: give NAME@VERSION, not {name!r} alone"
@@ -245,7 +245,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CheckConsistency(
         self, request: admin_pb2.CheckConsistencyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CheckConsistencyResponse:
-        name, version = convert.model_ref(request.model, required=False)
+        name, version = convert.model_ref(request.model, self.registry, required=False)
         result = await asyncio.to_thread(self.monitor.check, name, version)
         return convert.consistency_report(result)
 
@@ -253,8 +253,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CompareModels(
         self, request: admin_pb2.CompareModelsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CompareModelsResponse:
-        a = self.models.get(*convert.model_ref(request.model_a, what="model_a"))
-        b = self.models.get(*convert.model_ref(request.model_b, what="model_b"))
+        a = self.models.get(*convert.model_ref(request.model_a, self.registry, what="model_a"))
+        b = self.models.get(*convert.model_ref(request.model_b, self.registry, what="model_b"))
         settings = self.settings
         sources = convert.image_sources(request.inputs)
 

@@ -22,17 +22,44 @@ from .._errors import (
     ConsistencyFailure,
     EmbedwardenError,
     FailedPrecondition,
+    InvalidInput,
     ManifestError,
     NotFound,
     Unavailable,
 )
-from .._metrics import METRICS
+from .._metrics import METRICS, fingerprint_label
 from .._settings import Settings
 from ..backbones import Backbone, load_backbone
-from ..models import Manifest, Preprocessor, Registry, VerifiedWeights
+from ..models import (
+    Manifest,
+    Preprocessor,
+    Registry,
+    VerifiedWeights,
+    check_fingerprint,
+    parse_fingerprint,
+    parse_model_ref,
+)
 from ._batching import DynamicBatcher
 
 log = logging.getLogger(__name__)
+
+
+def parse_pins(specs: Sequence[str], registry: Registry) -> dict[tuple[str, str], str]:
+    """`--require-fingerprint NAME@VERSION=HEX` values by (name, version). A pin must name a
+    registered version explicitly (a default version may change under it)."""
+    pins: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        ref, sep, hex_digits = spec.partition("=")
+        name, version = parse_model_ref(ref) if sep else ("", "")
+        if not version:
+            raise InvalidInput(
+                f"--require-fingerprint {spec!r}: expected NAME@VERSION=HEX (64 hex digits)"
+            )
+        registry.resolve(name, version)  # NotFound for a typo, before anything loads
+        fingerprint = parse_fingerprint(hex_digits, f"--require-fingerprint {ref}")
+        if pins.setdefault((name, version), fingerprint) != fingerprint:
+            raise InvalidInput(f"--require-fingerprint: {ref} is pinned to two fingerprints")
+    return pins
 
 
 class ModelState(StrEnum):
@@ -119,6 +146,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()  # one load at a time: loads compete for memory
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self.pins = parse_pins(settings.require_fingerprints, registry)
         self.before_serving: list[Hook] = []  # may raise ConsistencyFailure
         self.after_batch: list[Callable[[LoadedModel, int], None]] = []
         self.on_change: list[Callable[[str, LoadedModel | None], None]] = []
@@ -202,6 +230,9 @@ class ModelManager:
 
     def _build(self, manifest: Manifest) -> LoadedModel:
         started = time.perf_counter()
+        pinned = self.pins.get((manifest.name, manifest.version))
+        if pinned is not None:  # before the weights are read: the manifest decides it
+            check_fingerprint(manifest, pinned, "--require-fingerprint pins")
         if manifest.numerics.deterministic and not self.settings.deterministic:
             raise FailedPrecondition(
                 f"{manifest.ref} pins deterministic numerics but the server runs with "
@@ -229,9 +260,9 @@ class ModelManager:
                 on_batch=lambda n, _s: METRICS.batch_size.labels(
                     manifest.name, manifest.version
                 ).observe(n),
-                on_depth=lambda d: METRICS.queue_depth.labels(manifest.name, manifest.version).set(
-                    d
-                ),
+                on_depth=METRICS.queue_depth.labels(
+                    manifest.name, manifest.version, fingerprint_label(model.identity.fingerprint)
+                ).set,
             )
             model.load_seconds = time.perf_counter() - started
             for hook in self.before_serving:
@@ -285,7 +316,7 @@ class ModelManager:
         model.backbone.close()
         with self._lock:
             self._entries.pop(key, None)
-        METRICS.forget_model(manifest.name, manifest.version)
+        METRICS.forget_model(manifest.name, manifest.version, model.identity.fingerprint)
         log.info("%s unloaded", manifest.ref)
         self._notify("unloaded", model)
         return model.identity
