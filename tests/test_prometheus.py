@@ -204,12 +204,12 @@ def test_prometheus_scrapes_restart_and_coload_checks_of_the_default_model(
         assert query(port, "embedwarden_process_flags_info")[0]["metric"]["torch"]
         verified = {
             (r["metric"]["pipeline"], r["metric"]["verdict"]): r["value"][1]
-            for r in query(port, "embedwarden_verify_items_total")
+            for r in query(port, 'embedwarden_verify_items_total{pipeline=~"exact|broken-export"}')
         }
         assert verified == {("exact", "pass"): "2", ("broken-export", "fail"): "2"}
         diagnosed = query(port, 'embedwarden_verify_diagnosis_total{pipeline="broken-export"}')
         assert [(r["metric"]["mistake"], r["value"][1]) for r in diagnosed] == [("unknown", "2")]
-        lowest = query(port, "embedwarden_verify_min_cosine")
+        lowest = query(port, 'embedwarden_verify_min_cosine{pipeline=~"exact|broken-export"}')
         assert {r["metric"]["pipeline"]: float(r["value"][1]) < 0.5 for r in lowest} == {
             "exact": False,
             "broken-export": True,

@@ -254,9 +254,13 @@ def test_256_failing_items_are_answered_with_the_diagnosis_budget_stated(
     client, photo_arrays, photos
 ):
     """Every item fails; only the budget's worth (4 here) is diagnosed, and the answer says so.
-    Meanwhile another client's Extract is served (the verification yields to it)."""
+    Meanwhile another client's Extract is served (the verification yields to it). The
+    references are cache hits here, to keep the test short; bench/verify_bench.py measures
+    256 cache misses and the other client's latency."""
     base = photo_arrays["coffee"]
-    images = [encode(np.ascontiguousarray(base[i : i + 300, i : i + 300])) for i in range(256)]
+    crops = [encode(np.ascontiguousarray(base[i : i + 300, i : i + 300])) for i in range(8)]
+    client.extract(crops, MODEL, layers="features")  # the references then come from the cache
+    images = crops * 32
     vectors = np.random.default_rng(0).normal(size=(256, 1280)).astype(np.float32)
     extracted: list[float] = []
     stop = threading.Event()
