@@ -161,7 +161,7 @@ def test_an_interrupted_job_is_finished_by_a_rerun(job, cluster, images, data_di
     cli = [sys.executable, "-m", "embedwarden.client", "verify-parquet", str(copy)]
     assert subprocess.run(cli, capture_output=True, timeout=120).returncode == 1
     again = extract_to_parquet(
-        [images], MODEL, copy, layer="features", address=cluster, data_dir=data_dir
+        [images], MODEL, copy, layer="features", address=cluster, actors=1, data_dir=data_dir
     )
     assert again.rows == lost_rows and again.verdict.ok
     assert subprocess.run(cli, capture_output=True, timeout=120).returncode == 0
@@ -299,7 +299,7 @@ def test_killing_an_actor_mid_job_never_leaves_a_silent_gap(cluster, photos, dat
     if not complete:
         assert not verdict.ok and verdict.missing  # reported, never silent
         extract_to_parquet(
-            [folder], MODEL, out, layer="features", address=cluster, data_dir=data_dir
+            [folder], MODEL, out, layer="features", address=cluster, actors=1, data_dir=data_dir
         )
     final = verify(out)
     assert final.ok and final.rows == 8 and not final.duplicates, final.describe()
@@ -340,7 +340,7 @@ def test_a_failing_check_in_the_actors_fails_the_job_before_writing(
     arrays.write_bytes(arrays.read_bytes()[:-100])  # a corrupted record
     out = tmp_path / "out"
     with pytest.raises(Exception, match="golden record"):
-        extract_to_parquet([images], MODEL, out, address=cluster, data_dir=shipped)
+        extract_to_parquet([images], MODEL, out, address=cluster, actors=1, data_dir=shipped)
     assert not out.exists()
 
 
