@@ -16,6 +16,7 @@ import logging
 import socket
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -349,18 +350,22 @@ def _run(
     )
     writer = _Writer(out, summary.spec)
     wrote_inputs = False
-    running = time.perf_counter()  # the rate counts the pipeline, not the set-up
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if not wrote_inputs:  # the actors passed their checks: the job is on
-            write_inputs(out, all_inputs, summary.spec)
-            wrote_inputs = True
-        rows, errors, nodes = writer.add(batch)
-        summary.rows += rows
-        summary.errors += errors
-        summary.nodes.update(nodes)
-        if progress is not None:
-            count = summary.rows + summary.errors
-            progress(count, len(todo), time.perf_counter() - running)
+    running = 0.0  # the rate counts from the first batch: actors' load and checks are set-up
+    with warnings.catch_warnings():
+        # A job smaller than one batch per actor is no mistake of the user's.
+        warnings.filterwarnings("ignore", "The minimum number of concurrent actors", UserWarning)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if not wrote_inputs:  # the actors passed their checks: the job is on
+                write_inputs(out, all_inputs, summary.spec)
+                wrote_inputs = True
+                running = time.perf_counter()
+            rows, errors, nodes = writer.add(batch)
+            summary.rows += rows
+            summary.errors += errors
+            summary.nodes.update(nodes)
+            if progress is not None:
+                count = summary.rows + summary.errors
+                progress(count, len(todo), time.perf_counter() - running)
     writer.flush()
 
 

@@ -161,7 +161,7 @@ def test_an_interrupted_job_is_finished_by_a_rerun(job, cluster, images, data_di
     cli = [sys.executable, "-m", "embedwarden.client", "verify-parquet", str(copy)]
     assert subprocess.run(cli, capture_output=True, timeout=120).returncode == 1
     again = extract_to_parquet(
-        [images], MODEL, copy, layer="features", address=cluster, data_dir=data_dir
+        [images], MODEL, copy, layer="features", address=cluster, actors=1, data_dir=data_dir
     )
     assert again.rows == lost_rows and again.verdict.ok
     assert subprocess.run(cli, capture_output=True, timeout=120).returncode == 0
@@ -299,7 +299,7 @@ def test_killing_an_actor_mid_job_never_leaves_a_silent_gap(cluster, photos, dat
     if not complete:
         assert not verdict.ok and verdict.missing  # reported, never silent
         extract_to_parquet(
-            [folder], MODEL, out, layer="features", address=cluster, data_dir=data_dir
+            [folder], MODEL, out, layer="features", address=cluster, actors=1, data_dir=data_dir
         )
     final = verify(out)
     assert final.ok and final.rows == 8 and not final.duplicates, final.describe()
@@ -340,7 +340,7 @@ def test_a_failing_check_in_the_actors_fails_the_job_before_writing(
     arrays.write_bytes(arrays.read_bytes()[:-100])  # a corrupted record
     out = tmp_path / "out"
     with pytest.raises(Exception, match="golden record"):
-        extract_to_parquet([images], MODEL, out, address=cluster, data_dir=shipped)
+        extract_to_parquet([images], MODEL, out, address=cluster, actors=1, data_dir=shipped)
     assert not out.exists()
 
 
@@ -367,3 +367,29 @@ def test_float16_rows_are_a_fixed_size_list_of_halves(tmp_path):
     assert table.column("embedding").to_pylist() == [[0.5, -1.0, 2.0]]
     (errors,) = (tmp_path / "errors").glob("part-*")
     assert pq.read_table(errors).column("reason").to_pylist() == ["could not decode"]
+
+
+def test_inputs_from_folders_files_and_lists(images, tmp_path):
+    from embedwarden.ray import resolve_inputs
+
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{images / 'coffee.jpg'}\n\n{images / 'rocket.jpg'}\n")
+    table = pa.table({"path": [str(images / "nested" / "chelsea.png")]})
+    pq.write_table(table, tmp_path / "list.parquet")
+    found = resolve_inputs([listed, tmp_path / "list.parquet", images / "coffee.jpg"])
+    assert [Path(p).name for p in found] == ["coffee.jpg", "chelsea.png", "rocket.jpg"]
+    assert len(resolve_inputs([images])) == 7  # recursive, sorted, image files only
+    with pytest.raises(FileNotFoundError):
+        resolve_inputs([tmp_path / "absent"])
+
+
+def test_unreadable_and_oversized_files_become_error_rows(images, tmp_path):
+    from embedwarden.ray._actor import read_inputs
+
+    paths = [str(images / "coffee.jpg"), str(tmp_path / "vanished.jpg"), str(images)]
+    out = read_inputs({"path": np.array(paths, dtype=object)}, max_file_bytes=1 << 30)
+    assert list(out["error"][:1]) == [""] and len(out["sha256"][0]) == 64
+    assert out["transient"][1] and out["transient"][2]  # gone, a folder: may be back later
+    assert "cannot read the file" in out["error"][1]
+    small = read_inputs({"path": np.array(paths[:1], dtype=object)}, max_file_bytes=100)
+    assert not small["transient"][0] and "larger than the limit" in small["error"][0]

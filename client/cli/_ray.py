@@ -18,7 +18,7 @@ def _progress() -> Callable[[int, int, float], None]:
         if now - last[0] < 1.0 and done < total:
             return
         last[0] = now
-        rate = done / seconds if seconds > 0 else 0.0
+        rate = done / seconds if seconds > 0 else 0.0  # seconds since the first batch
         end = "\n" if done >= total else ""
         print(f"\r{done}/{total} inputs, {rate:.1f} images/s", end=end, file=sys.stderr)
 
