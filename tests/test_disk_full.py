@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +214,19 @@ def test_cache_write_failures_are_counted_and_logged_once_per_interval(
             assert back == ["cache write works again (19 more failure(s) before)"], back
     finally:
         cache.close()
+
+
+def test_a_read_only_data_dir_is_a_clear_error_at_start(disk: Path) -> None:
+    (disk / "cache").mkdir()  # what an earlier run left
+    remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True)
+    assert remount.returncode == 0, remount.stderr
+    args = ["--data-dir", str(disk), "--port", "0", "--metrics-port", "-1", "--models", ""]
+    done = subprocess.run(
+        [sys.executable, "-m", "embedwarden.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"the data directory {disk} is not writable (Read-only file system)" in done.stderr
