@@ -31,6 +31,7 @@ from embedwarden.v1 import (
 from ._frameworks import available_cores, configure_process, plan_threads, resolve_device
 from ._metrics import METRICS
 from ._settings import Settings
+from ._storage import check_writable
 from .cache import LmdbCache, open_cache
 from .consistency import ConsistencyMonitor, ParityMonitor, parse_pairs
 from .index import IndexManager
@@ -82,6 +83,7 @@ class Application:
         self.models = ModelManager(self.registry, settings, self.device)
         workers = settings.decode_workers or available_cores()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        check_writable(settings.data_dir)  # a read-only data dir: one clear line, exit code 2
         self.cache: LmdbCache | None = open_cache(self.settings)  # None with --cache false
         # Load-time checks gate SERVING; the rest run on the monitor's thread, which also
         # recomputes a sample of the cache hits that extraction serves.
@@ -91,8 +93,12 @@ class Application:
             self.models, settings, self.executor, self.cache, auditor=self.monitor.audits
         )
         self.verification = VerificationService(self.extraction, settings, self.executor)
-        # Collections are recovered from their snapshots and logs here.
-        self.index = IndexManager(self.settings, self.registry, self.models, self.extraction)
+        # Collections are recovered from their snapshots and logs once the startup models are
+        # loaded, in the background: a long log replay never holds the models' readiness.
+        self.startup_done = threading.Event()
+        self.index = IndexManager(
+            self.settings, self.registry, self.models, self.extraction, self.startup_done
+        )
         pairs = parse_pairs(self.settings.parity_pairs, self.registry)
         self.parity = (
             ParityMonitor(self.models, pairs, self.settings.check_interval_s) if pairs else None
@@ -103,7 +109,6 @@ class Application:
         self.health_port = 0
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
-        self.startup_done = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.models.on_change.append(self._on_model_change)
 

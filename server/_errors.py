@@ -52,6 +52,10 @@ class Overloaded(EmbedwardenError):
     """A bounded queue is full; the client should back off and retry."""
 
 
+class DiskFull(EmbedwardenError):
+    """The data directory's filesystem has no room for a write; retry once space is freed."""
+
+
 class Unavailable(EmbedwardenError):
     """Temporarily unable to serve (model still loading, server shutting down); retry later."""
 

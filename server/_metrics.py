@@ -127,6 +127,25 @@ class Metrics:
             f"{PREFIX}_cache_used_bytes", "Bytes used by the cache database.", registry=r
         )
         self.cache_entries = Gauge(f"{PREFIX}_cache_entries", "Entries in the cache.", registry=r)
+        self.cache_bound_bytes = Gauge(
+            f"{PREFIX}_cache_bound_bytes",
+            "The cache's effective size bound: --cache-max-bytes, or less to keep "
+            "--min-free-disk-bytes free on the data dir's filesystem.",
+            registry=r,
+        )
+        # Storage.
+        self.data_dir_free_bytes = Gauge(
+            f"{PREFIX}_data_dir_free_bytes",
+            "Free bytes on the data directory's filesystem.",
+            registry=r,
+        )
+        self.storage_write_failures = Counter(
+            f"{PREFIX}_storage_write_failures_total",
+            "Writes to the data directory that failed, by store (cache, index, snapshot, "
+            "golden) and reason (disk_full, no_room, error).",
+            ["store", "reason"],
+            registry=r,
+        )
         # Index.
         self.index_vectors = Gauge(
             f"{PREFIX}_index_vectors", "Vectors per collection.", ["collection"], registry=r
@@ -134,6 +153,12 @@ class Metrics:
         self.index_bytes = Gauge(
             f"{PREFIX}_index_bytes",
             "Serialized index size per collection.",
+            ["collection"],
+            registry=r,
+        )
+        self.index_recovering = Gauge(
+            f"{PREFIX}_index_recovering",
+            "1 while a collection is being recovered (snapshot and log replay) after a start.",
             ["collection"],
             registry=r,
         )

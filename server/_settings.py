@@ -51,6 +51,7 @@ class Settings:
     max_streams_per_client: int = 8
     cache_enabled: bool = True
     cache_max_bytes: int = 4 * 1024**3
+    min_free_disk_bytes: int = -1  # the cache leaves this free on its disk (-1: 1 GiB or 10%)
     cache_audit_fraction: float = 0.01
     cache_audit_max_per_s: float = 2.0  # recomputations per second at most (a budget, not a goal)
     index_snapshot_interval_s: float = 60.0  # snapshot a changed collection at most this often
@@ -177,6 +178,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-streams-per-client", type=int, help="open ExtractStream calls per client")
     a("--cache", dest="cache_enabled", type=_parse_bool, help="enable the LMDB cache")
     a("--cache-max-bytes", type=int, help="cache size bound in bytes (default 4 GiB)")
+    a(
+        "--min-free-disk-bytes",
+        type=int,
+        help="free bytes the cache leaves on the data dir's disk (default: 1 GiB or 10%%)",
+    )
     a("--cache-audit-fraction", type=float, help="fraction of cache hits recomputed")
     a(
         "--cache-audit-max-per-s",

@@ -12,7 +12,13 @@ SERVER = "embedwarden.server"
 RANKS = {"models": 0, "backbones": 1, "cache": 1, "serving": 2, "index": 3, "consistency": 3}
 RANKS["verify"] = 4
 RANKS["rpc"] = 5
-FOUNDATION = {"_errors", "_metrics", "_settings", "_frameworks"}  # import no package above them
+FOUNDATION = {
+    "_errors",
+    "_metrics",
+    "_settings",
+    "_frameworks",
+    "_storage",
+}  # import no package above them
 MAX_TOP_LEVEL_FILES = 10
 
 

@@ -16,10 +16,15 @@ bound has been written. A hit on an entry of an older generation moves it to the
 first. So an entry used within the last ~1/32 of the bound's worth of writes is never evicted
 before one that was not, and a hot entry costs at most one bookkeeping write per generation.
 
-Size: the map starts at 64 MiB (or the existing file) and doubles on demand up to `max_bytes`.
-Live pages are kept below 85% of the bound by evicting down to 70% before a commit would cross
-it; if LMDB still reports the map full (free pages pinned by a reader, fragmentation), the
-writer evicts more and retries. Only the writer sees these errors; requests never do.
+Size: the bound is `max_bytes`, or less when the filesystem is filling: with a reserve, the
+bound is what keeps `reserve_bytes` free on the data dir's filesystem (the file's own blocks
+plus the free space, minus the reserve), recomputed before every commit. The map starts at
+64 MiB (or the existing file) and doubles on demand up to the bound; when the bound falls below
+the map (the disk filled from other causes) the map shrinks to the bound or to the file,
+whichever is larger, so the file cannot grow again. Live pages are kept below 85% of the bound
+by evicting down to 70% before a commit would cross it; if LMDB still reports the map or the
+disk full, the writer evicts more and retries. Only the writer sees these errors; requests
+never do.
 
 Several processes may open one directory: LMDB serialises writers with a robust mutex in
 `lock.mdb` and readers never block; a process that grew the map is followed by the others
@@ -42,6 +47,7 @@ from typing import Any
 import lmdb
 
 from .._errors import FailedPrecondition
+from .._storage import free_bytes, is_disk_full
 from ._format import (
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -141,10 +147,19 @@ class CacheDB:
     come from one thread (the group-commit writer) so that they batch."""
 
     def __init__(
-        self, path: Path, max_bytes: int, *, readonly: bool = False, sync: bool = True
+        self,
+        path: Path,
+        max_bytes: int,
+        *,
+        readonly: bool = False,
+        sync: bool = True,
+        reserve_bytes: int | None = None,
     ) -> None:
+        """`reserve_bytes`: free space to leave on the filesystem (None: `max_bytes` only)."""
         self.path = path
         self.max_bytes = max(int(max_bytes), MIN_MAX_BYTES)
+        self.reserve_bytes = reserve_bytes
+        self.bound_bytes = self.max_bytes  # the effective bound at the last commit
         self.readonly = readonly
         self._gate = _TxnGate()
         self._gen_limit = self.max_bytes // GENERATIONS
@@ -180,10 +195,12 @@ class CacheDB:
             )
         if not self.readonly:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.bound_bytes = self.bound()
+        initial = min(self.bound_bytes, INITIAL_MAP_BYTES)
         try:
             env = lmdb.open(
                 str(self.path),
-                map_size=max(min(self.max_bytes, INITIAL_MAP_BYTES), used),
+                map_size=_pages(max(initial, used, MIN_MAX_BYTES)),
                 max_dbs=8,
                 max_readers=1024,
                 readonly=self.readonly,
@@ -267,16 +284,46 @@ class CacheDB:
     def map_bytes(self) -> int:
         return int(self.env.info()["map_size"])
 
+    def file_bytes(self) -> int:
+        """Disk blocks the database file holds now."""
+        try:
+            return int((self.path / "data.mdb").stat().st_blocks) * 512
+        except OSError:
+            return 0
+
+    def bound(self) -> int:
+        """The effective size bound now: `max_bytes`, or less so that the reserve stays free
+        on the filesystem (0 when even the file as it is eats into the reserve)."""
+        if self.reserve_bytes is None:
+            return self.max_bytes
+        try:
+            room = self.file_bytes() + free_bytes(self.path) - self.reserve_bytes
+        except OSError:
+            return self.max_bytes
+        return max(0, min(self.max_bytes, room))
+
     def _grow(self) -> bool:
         """Doubles the map, up to the bound; False when it is there already."""
         current = self.map_bytes
-        if current >= self.max_bytes:
+        if current >= self.bound_bytes:
             return False
-        new = min(self.max_bytes, current * 2)
+        # At least the initial size: a map shrunk to a tiny file on a full disk regrows at once.
+        new = _pages(min(self.bound_bytes, max(current * 2, INITIAL_MAP_BYTES)))
+        if new <= current:
+            return False
         with self._gate.exclusive():
             self.env.set_mapsize(new)
         log.info("cache: map grown from %d to %d bytes", current, new)
         return True
+
+    def _fit_map(self) -> None:
+        """Shrinks the map to the bound (never below the file): the file cannot grow past it."""
+        current = self.map_bytes
+        new = _pages(max(self.bound_bytes, (self.path / "data.mdb").stat().st_size))
+        if new < current:
+            with self._gate.exclusive():
+                self.env.set_mapsize(new)
+            log.info("cache: map shrunk from %d to %d bytes (disk filling)", current, new)
 
     def _live_bytes(self, txn: Any) -> int:
         pages = 0
@@ -328,10 +375,15 @@ class CacheDB:
         transaction, evicting and growing the map as needed. Never raises MapFullError."""
         outcome = WriteOutcome()
         incoming = sum(_footprint(len(v)) for _, v in records)
+        self._set_bound()
+        bound = self.bound_bytes
+        if incoming > HIGH_WATER * bound:  # would not fit even in an empty cache: no room
+            outcome.dropped = len(records)
+            return outcome
         with self._txn() as txn:
             live = self._live_bytes(txn)
-        if live + incoming > HIGH_WATER * self.max_bytes:
-            target = int(LOW_WATER * self.max_bytes) - incoming
+        if live + incoming > HIGH_WATER * bound:
+            target = int(LOW_WATER * bound) - incoming
             outcome.evicted += self.evict(max(target, 0))
         squeeze = LOW_WATER
         for _attempt in range(6):
@@ -343,11 +395,20 @@ class CacheDB:
             except lmdb.MapFullError:
                 if self._grow():
                     continue
-                squeeze -= 0.15
-                outcome.evicted += self.evict(int(squeeze * self.max_bytes))
-        log.warning("cache: could not make room for %d entries; dropped", len(records))
+            except lmdb.Error as exc:  # the disk filled from other causes since the bound
+                if not is_disk_full(exc, self.path):
+                    raise
+                self._set_bound()
+            squeeze -= 0.15
+            outcome.evicted += self.evict(int(max(squeeze, 0.0) * self.bound_bytes))
+        log.debug("cache: could not make room for %d entries; dropped", len(records))
         outcome.dropped = len(records)
         return outcome
+
+    def _set_bound(self) -> None:
+        self.bound_bytes = self.bound()
+        self._gen_limit = max(self.bound_bytes // GENERATIONS, 1)
+        self._fit_map()
 
     def _put(
         self, txn: Any, records: Sequence[tuple[bytes, bytes]], touches: Sequence[bytes]
@@ -474,7 +535,7 @@ class CacheDB:
                 if count:
                     versions.append((fp.hex(), int(count)))
                 found = cursor.next()
-        return DBStats(entries, live, self.map_bytes, self.max_bytes, versions)
+        return DBStats(entries, live, self.map_bytes, self.bound_bytes, versions)
 
     def verify(self, max_reported: int = 50) -> VerifyReport:
         """Reads every entry and checks its checksum, and that the bookkeeping agrees."""
@@ -527,6 +588,11 @@ def _valid(key: bytes, value: bytes) -> bool:
         return True
     except CorruptEntry:
         return False
+
+
+def _pages(size: int, psize: int = 4096) -> int:
+    """`size` rounded up to whole pages (LMDB maps whole pages)."""
+    return -(-size // psize) * psize
 
 
 def _footprint(size: int, psize: int = 4096) -> int:

@@ -17,6 +17,7 @@ Layout on disk and the LRU approximation: `_format` and `_db`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ import numpy as np
 
 from .._metrics import METRICS
 from .._settings import Settings
+from .._storage import FailureLog, free_bytes, is_disk_full, reserve_bytes
 from ._db import CacheDB, VerifyReport
 from ._format import CorruptEntry, KeyMaker, decode_entry, encode_entry
 from ._writer import GroupCommitWriter
@@ -80,9 +82,13 @@ class LmdbCache:
         *,
         max_pending_bytes: int | None = None,
         max_group_bytes: int | None = None,
+        reserve: int | None = None,
+        failure_log_interval_s: float = 60.0,
     ) -> None:
+        """`reserve`: bytes to leave free on the filesystem (None: bounded by `max_bytes`)."""
         self.path = path
-        self.db = CacheDB(path, max_bytes)
+        self.db = CacheDB(path, max_bytes, reserve_bytes=reserve)
+        self._failures = FailureLog(log, "cache write", failure_log_interval_s)
         self.keys = KeyMaker().many
         bound = self.db.max_bytes
         self.hits = self.misses = self.corrupt = self.evictions = self.dropped = 0
@@ -97,7 +103,14 @@ class LmdbCache:
             idle=self._maintain,
         )
         self._update_gauges()
-        log.info("cache at %s: %d entries, bound %d bytes", path, self.db.stats().entries, bound)
+        log.info(
+            "cache at %s: %d entries, bound %d bytes (now %d, leaving %s bytes free on its disk)",
+            path,
+            self.db.stats().entries,
+            bound,
+            self.db.bound_bytes,
+            "no" if reserve is None else f"{reserve:,}",
+        )
 
     # --- the EmbeddingCache protocol ----------------------------------------------------------
 
@@ -208,24 +221,37 @@ class LmdbCache:
         try:
             outcome = self.db.write(records, touches)
         except lmdb.Error as exc:  # a full disk, an I/O error: requests go on without
-            log.error("cache write of %d entries failed, dropped: %s", len(records), exc)
+            reason = "disk_full" if is_disk_full(exc, self.path) else "error"
+            METRICS.storage_write_failures.labels("cache", reason).inc()
+            self._failures.failed(f"{len(records)} entries dropped this time: {exc}")
             self.dropped += len(records)
             METRICS.cache_dropped_writes.inc(len(records))
+            self._update_gauges()
             return
         if outcome.written:
             METRICS.cache_writes.inc(outcome.written)
         if outcome.evicted:
             self.evictions += outcome.evicted
             METRICS.cache_evictions.inc(outcome.evicted)
-        if outcome.dropped:
+        if outcome.dropped:  # no room within the bound (the disk's reserve): one line a minute
             self.dropped += outcome.dropped
             METRICS.cache_dropped_writes.inc(outcome.dropped)
+            METRICS.storage_write_failures.labels("cache", "no_room").inc()
+            self._failures.failed(
+                f"no room within the bound of {self.db.bound_bytes:,} bytes; "
+                f"{outcome.dropped} entries dropped this time"
+            )
+        elif outcome.written:
+            self._failures.recovered()
         self._update_gauges()
 
     def _update_gauges(self) -> None:
         s = self.db.stats()
         METRICS.cache_bytes.set(s.live_bytes)
         METRICS.cache_entries.set(s.entries)
+        METRICS.cache_bound_bytes.set(s.max_bytes)
+        with contextlib.suppress(OSError):
+            METRICS.data_dir_free_bytes.set(free_bytes(self.path))
 
     def _maintain(self) -> None:
         stale = self.db.env.reader_check()
@@ -238,7 +264,8 @@ def open_cache(settings: Settings) -> LmdbCache | None:
     """The server's cache from its settings; None when disabled (`--cache false`)."""
     if not settings.cache_enabled:
         return None
-    return LmdbCache(settings.cache_dir, settings.cache_max_bytes)
+    reserve = reserve_bytes(settings.data_dir, settings.min_free_disk_bytes)
+    return LmdbCache(settings.cache_dir, settings.cache_max_bytes, reserve=reserve)
 
 
 def verify_cache(path: Path) -> VerifyReport:

@@ -40,6 +40,8 @@ import numpy as np
 
 from .._errors import ConsistencyFailure
 from .._frameworks import import_torch, process_flags
+from .._metrics import METRICS
+from .._storage import disk_full, is_disk_full
 from ..models import Manifest
 from ..serving import ModelIdentity, model_folder
 
@@ -303,6 +305,11 @@ class GoldenStore:
         try:
             self._write(record, final)
         except OSError as exc:
+            if is_disk_full(exc):
+                METRICS.storage_write_failures.labels("golden", "disk_full").inc()
+                raise disk_full(
+                    self.root.parent, f"recording the golden embeddings of {record.ref}"
+                ) from None
             raise ConsistencyFailure(
                 f"cannot record the golden embeddings of {record.ref} in {self.root} ({exc}); "
                 "the data directory must be writable"

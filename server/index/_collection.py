@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import FailedPrecondition, InvalidInput, NotFound
+from .._errors import DiskFull, FailedPrecondition, InvalidInput, NotFound, Unavailable
 from .._metrics import METRICS
+from .._storage import free_bytes
 from ._faiss import Cancelled, Engine, engine_from_index, new_engine, read_index, write_index
 from ._store import OP_REMOVE, OP_UPSERT, CorruptLog, IndexStore, LogEntry, encode_entry
 from ._types import (
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
 CATCH_UP_VECTORS = 1024  # a rebuild finishes its catch-up under the write mutex below this
+SNAPSHOT_HEADROOM = 1 << 20  # free bytes a snapshot wants beyond the index's own size
+
+
+class RecoveryCancelled(Exception):
+    """The collection was dropped, or the server is stopping, while it was being recovered."""
 
 
 class RWLock:
@@ -107,6 +113,7 @@ class Collection:
         self.snapshot_seq = 0
         self.last_snapshot = time.monotonic()
         self.broken = ""
+        self.recovering = ""  # while recovery runs: its progress, for UNAVAILABLE messages
         self._dirty = False
         self._closed = False
         self._mutex = threading.Lock()
@@ -125,8 +132,24 @@ class Collection:
         return collection
 
     @classmethod
-    def recover(cls, spec: CollectionSpec, store: IndexStore) -> Collection:
-        """The newest complete snapshot, then every log entry after it."""
+    def pending(cls, spec: CollectionSpec, store: IndexStore) -> Collection:
+        """A placeholder listed while the collection is recovered; its use is UNAVAILABLE."""
+        collection = cls(spec, store, new_engine(spec))
+        collection.recovering = "waiting for the models to load first"
+        return collection
+
+    @classmethod
+    def recover(
+        cls,
+        spec: CollectionSpec,
+        store: IndexStore,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Collection:
+        """The newest complete snapshot, then every log entry after it. `progress(done,
+        total)` is called as log entries are replayed; `cancel` stops between entries."""
+        if progress is not None:
+            progress(0, 0)
         snapshot = store.latest_snapshot(spec.uid)
         if snapshot is None:
             collection = cls(spec, store, new_engine(spec))
@@ -147,9 +170,14 @@ class Collection:
                     f"{len(collection.id_of)} ids"
                 )
         replayed = 0
+        total = max(store.last_seq(spec.uid) - collection.seq, 0)
         for entry in store.entries_after(spec.uid, collection.seq):
+            if cancel is not None and cancel.is_set():
+                raise RecoveryCancelled(spec.name)
             collection._replay(entry)
             replayed += 1
+            if progress is not None:
+                progress(replayed, total)
         collection._dirty = replayed > 0
         collection.publish_metrics()
         log.info(
@@ -187,11 +215,20 @@ class Collection:
     def _usable(self) -> None:
         if self._closed:
             raise NotFound(f"collection {self.spec.name!r} was deleted")
+        if self.recovering:
+            raise Unavailable(
+                f"collection {self.spec.name!r} is being recovered after a restart "
+                f"({self.recovering}); retry shortly"
+            )
         if self.broken:
             raise FailedPrecondition(
                 f"collection {self.spec.name!r} is unavailable: {self.broken}; drop it, or "
                 "restore its files and restart"
             )
+
+    def check_usable(self) -> None:
+        """Raises what a use of the collection would raise now (deleted, broken, recovering)."""
+        self._usable()
 
     def _log(self, op: int, ids: Sequence[str], vectors: np.ndarray | None) -> int:
         seq = self.seq + 1
@@ -305,7 +342,10 @@ class Collection:
                 for row_labels, row_scores in zip(labels, distances, strict=True)
             ]
 
-    def info(self) -> CollectionInfo:
+    def info(self, check: bool = False) -> CollectionInfo:
+        """`check`: refuse (UNAVAILABLE) while the collection is being recovered."""
+        if check and self.recovering:
+            self._usable()
         with self._rw.read():
             return CollectionInfo(
                 spec=self.spec,
@@ -336,9 +376,20 @@ class Collection:
                 if not self._dirty or self.broken or self._closed:
                     return False
                 seq = self.seq
+                needed = self.engine.nbytes() + SNAPSHOT_HEADROOM
+                folder = self.store.collection_dir(self.spec.uid)
+                if free_bytes(folder) < needed:  # don't fill the disk the log needs
+                    raise DiskFull(
+                        f"snapshot of {self.spec.name!r} needs about {needed:,} bytes; "
+                        f"{free_bytes(folder):,} are free in {folder}"
+                    )
                 tmp = self.store.snapshot_tmp(self.spec.uid, seq)
                 started = time.perf_counter()
-                write_index(self.engine.index, tmp)
+                try:
+                    write_index(self.engine.index, tmp)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 meta = {
                     "format": SNAPSHOT_FORMAT,
                     "name": self.spec.name,
@@ -353,7 +404,7 @@ class Collection:
                 size = self.store.commit_snapshot(self.spec.uid, seq, tmp, meta)
             except BaseException:
                 self._dirty = True
-                tmp.unlink(missing_ok=True)
+                self.store.discard_snapshot(self.spec.uid, seq)
                 raise
             self.snapshot_seq = seq
             self.last_snapshot = time.monotonic()

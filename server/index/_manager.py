@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from .._errors import (
     AlreadyExists,
+    DiskFull,
     FailedPrecondition,
     FingerprintMismatch,
     InvalidInput,
@@ -32,9 +33,10 @@ from .._errors import (
 from .._frameworks import available_cores
 from .._metrics import METRICS
 from .._settings import Settings
+from .._storage import FailureLog, disk_full, is_disk_full
 from ..models import ImageSource, Pooling, Registry, pool, resolve_pooling
 from ..serving import CacheMode, ExtractionService, ExtractOptions, ModelManager
-from ._collection import Collection
+from ._collection import Collection, RecoveryCancelled
 from ._store import IndexStore
 from ._types import (
     MAX_COLLECTIONS,
@@ -66,7 +68,12 @@ MAINTENANCE_TICK_S = 1.0
 
 
 class IndexManager:
-    """All collections of one server. Blocking work runs on its own thread pool."""
+    """All collections of one server. Blocking work runs on its own thread pool.
+
+    With `recover_after`, collections are recovered on a background thread once that event is
+    set (the server sets it when its startup models are loaded, so a long log replay never
+    delays them); until then each is listed and answers UNAVAILABLE with its progress.
+    Without it, recovery finishes in the constructor."""
 
     def __init__(
         self,
@@ -74,6 +81,7 @@ class IndexManager:
         registry: Registry,
         models: ModelManager,
         extraction: ExtractionService,
+        recover_after: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -91,7 +99,23 @@ class IndexManager:
         self._collections: dict[str, Collection] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._recover()
+        self._snapshot_failures = FailureLog(log, "snapshot")
+        specs = self.store.specs()
+        self.store.remove_orphans(specs)
+        for spec in specs:
+            self._collections[spec.name] = Collection.pending(spec, self.store)
+            METRICS.index_recovering.labels(spec.name).set(1)
+        self._recovery: threading.Thread | None = None
+        if recover_after is None:
+            self._recover(specs)
+        else:
+            self._recovery = threading.Thread(
+                target=self._recover_when_set,
+                args=(specs, recover_after),
+                name="index-recovery",
+                daemon=True,
+            )
+            self._recovery.start()
         self._thread = threading.Thread(
             target=self._maintain, name="index-maintenance", daemon=True
         )
@@ -99,18 +123,70 @@ class IndexManager:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def _recover(self) -> None:
-        specs = self.store.specs()
-        self.store.remove_orphans(specs)
+    def _recover_when_set(self, specs: list[CollectionSpec], event: threading.Event) -> None:
+        while not event.wait(0.2):
+            if self._stop.is_set():
+                return
+        self._recover(specs)
+
+    def _recover(self, specs: list[CollectionSpec]) -> None:
+        """Recovers each collection in turn and swaps it in for its placeholder; one whose
+        log was replayed is snapshotted at once, so a second crash does not replay it again."""
         for spec in specs:
+            placeholder = self._collections.get(spec.name)
+            if placeholder is None or placeholder.spec.uid != spec.uid or self._stop.is_set():
+                continue  # dropped meanwhile, or stopping
+
+            def progress(done: int, total: int, holder: Collection = placeholder) -> None:
+                holder.recovering = (
+                    f"replaying its log: {done:,} of {total:,} entries ({100 * done // total}%)"
+                    if total
+                    else "reading its snapshot"
+                )
+
+            started = time.perf_counter()
             try:
-                collection = Collection.recover(spec, self.store)
+                collection = Collection.recover(spec, self.store, progress, placeholder._cancel)
+            except RecoveryCancelled:
+                continue
             except Exception as exc:
                 log.exception("collection %s could not be recovered", spec.name)
                 collection = Collection.unrecoverable(
                     spec, self.store, f"recovery failed: {type(exc).__name__}: {exc}"
                 )
-            self._collections[spec.name] = collection
+            with self._lock:
+                swapped = self._collections.get(spec.name) is placeholder
+                if swapped:
+                    self._collections[spec.name] = collection
+            if not swapped:  # dropped while it was recovered
+                collection.close()
+                continue
+            METRICS.index_recovering.labels(spec.name).set(0)
+            collection.publish_metrics()
+            log.info(
+                "collection %s serving (recovered in %.1fs)",
+                spec.name,
+                time.perf_counter() - started,
+            )
+            if collection.dirty:
+                self._snapshot(collection)
+
+    def _snapshot(self, collection: Collection) -> None:
+        """A snapshot now; failures are logged once a minute with their count (a full disk
+        would otherwise log one traceback per maintenance tick)."""
+        try:
+            collection.snapshot()
+        except Exception as exc:
+            full = isinstance(exc, DiskFull) or is_disk_full(exc, self.settings.index_dir)
+            reason = "disk_full" if full else "error"
+            METRICS.storage_write_failures.labels("snapshot", reason).inc()
+            if reason == "error":
+                log.exception("snapshot of %s failed", collection.spec.name)
+            self._snapshot_failures.failed(
+                f"{collection.spec.name}: {exc}; its log still has every change"
+            )
+        else:
+            self._snapshot_failures.recovered()
 
     def close(self) -> None:
         """Stops maintenance, snapshots every changed collection, closes the log."""
@@ -119,6 +195,8 @@ class IndexManager:
         self._thread.join(timeout=60)
         for collection in list(self._collections.values()):
             collection.cancel_background()
+        if self._recovery is not None:
+            self._recovery.join(timeout=60)
         self._rebuilder.shutdown(wait=True, cancel_futures=True)
         for collection in list(self._collections.values()):
             try:
@@ -144,10 +222,8 @@ class IndexManager:
                 self._maybe_rebuild(collection)
                 due = time.monotonic() - collection.last_snapshot >= interval
                 if interval > 0 and collection.dirty and due:
-                    try:
-                        collection.snapshot()
-                    except Exception:
-                        log.exception("snapshot of %s failed", collection.spec.name)
+                    self._snapshot(collection)
+                    collection.last_snapshot = time.monotonic()  # a failure retries later
 
     def _maybe_rebuild(self, collection: Collection) -> None:
         uid = collection.spec.uid
@@ -227,7 +303,8 @@ class IndexManager:
                 raise FailedPrecondition(
                     f"{len(self._collections)} collections exist, the limit; drop one first"
                 )
-            collection = Collection.create(spec, self.store)
+            with self._disk_full_is_resource_exhausted(f"creating collection {name!r}"):
+                collection = Collection.create(spec, self.store)
             self._collections[name] = collection
         log.info("created collection %s (%s)", name, _describe(spec))
         return collection.info()
@@ -237,7 +314,14 @@ class IndexManager:
             collection = self._get(name)
             del self._collections[name]
         collection.close()  # waits for in-flight writes and snapshots
-        self.store.drop(collection.spec)
+        try:
+            with self._disk_full_is_resource_exhausted(f"dropping collection {name!r}"):
+                self.store.drop(collection.spec)
+        except DiskFull:  # nothing was dropped (one transaction): the collection stays
+            restored = Collection.recover(collection.spec, self.store)
+            with self._lock:
+                self._collections.setdefault(name, restored)
+            raise
         self._rebuilding.pop(collection.spec.uid, None)
         for gauge in (METRICS.index_vectors, METRICS.index_bytes):
             with contextlib.suppress(KeyError):
@@ -248,7 +332,23 @@ class IndexManager:
         return [self._collections[n].info() for n in sorted(self._collections)]
 
     def describe(self, name: str) -> CollectionInfo:
-        return self._get(name).info()
+        return self._get(name).info(check=True)
+
+    @contextlib.contextmanager
+    def _disk_full_is_resource_exhausted(self, what: str) -> Iterator[None]:
+        """A full disk under a write a client waits for becomes `DiskFull` (RESOURCE_EXHAUSTED,
+        naming the data dir and its free space), never INTERNAL."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_disk_full(exc, self.settings.index_dir):
+                raise
+            METRICS.storage_write_failures.labels("index", "disk_full").inc()
+            raise disk_full(self.settings.data_dir, what) from None
+
+    def _write(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        with self._disk_full_is_resource_exhausted(what):
+            return fn(*args)
 
     # --- writes and searches -----------------------------------------------------------
 
@@ -268,6 +368,7 @@ class IndexManager:
         cache: CacheMode = CacheMode.ON,
     ) -> UpsertResult:
         collection = self._get(name)
+        collection.check_usable()
         spec = collection.spec
         ids = check_ids([item.id for item in items], "items", unique=True)
         rows: list[np.ndarray | None] = [item.vector for item in items]
@@ -283,15 +384,18 @@ class IndexManager:
         matrix = as_matrix([r for r in rows if r is not None], spec.dimension, "items")
         if spec.metric is Metric.COSINE:
             matrix = normalize_rows(matrix, "items")
-        result = await self.run_write(collection.upsert, ids, matrix)
+        what = f"upsert of {len(ids)} vectors into {name!r}"
+        result = await self.run_write(lambda: self._write(what, collection.upsert, ids, matrix))
         if collection.wants_rebuild():
             self._wake.set()
         return result
 
     async def remove(self, name: str, ids: Sequence[str]) -> RemoveResult:
         collection = self._get(name)
+        collection.check_usable()
         checked = check_ids(ids, "ids", unique=False)
-        result = await self.run_write(collection.remove, checked)
+        what = f"removal of {len(checked)} ids from {name!r}"
+        result = await self.run_write(lambda: self._write(what, collection.remove, checked))
         if collection.wants_rebuild():
             self._wake.set()
         return result
@@ -305,6 +409,7 @@ class IndexManager:
         overrides: SearchOverrides | None = None,
     ) -> SearchOutcome:
         collection = self._get(name)
+        collection.check_usable()
         spec = collection.spec
         k = check_k(k)
         if not queries:

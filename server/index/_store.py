@@ -135,9 +135,15 @@ class IndexStore:
             return [CollectionSpec.from_json(bytes(v)) for _k, v in txn.cursor()]
 
     def put_spec(self, spec: CollectionSpec) -> None:
-        with self.env.begin(write=True, db=self._catalog) as txn:
-            txn.put(spec.name.encode(), spec.to_json())
-        self.collection_dir(spec.uid).mkdir(parents=True, exist_ok=True)
+        """The folder first, then the catalog entry: a failure (a full disk) leaves neither."""
+        folder = self.collection_dir(spec.uid)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.env.begin(write=True, db=self._catalog) as txn:
+                txn.put(spec.name.encode(), spec.to_json())
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def drop(self, spec: CollectionSpec) -> None:
         """Deletes the spec and its log in one transaction, then its files."""
@@ -175,6 +181,21 @@ class IndexStore:
         with self.env.begin(write=True, db=self._log) as txn:
             if not txn.put(self._key(uid, seq), payload, overwrite=False):
                 raise RuntimeError(f"log entry {seq} of collection {uid} exists already")
+
+    def last_seq(self, uid: str) -> int:
+        """The seq of the collection's last log entry (0 when its log is empty)."""
+        prefix = bytes.fromhex(uid)
+        upper = self._key(uid, (1 << 64) - 1)
+        with self.env.begin(db=self._log) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(upper):
+                found = cursor.key() == upper or cursor.prev()
+            else:
+                found = cursor.last()
+            key = bytes(cursor.key()) if found else b""
+        if key[: len(prefix)] != prefix:
+            return 0
+        return int.from_bytes(key[len(prefix) :], "big")
 
     def entries_after(self, uid: str, seq: int) -> Iterator[LogEntry]:
         prefix = bytes.fromhex(uid)
@@ -235,6 +256,16 @@ class IndexStore:
                 older.unlink(missing_ok=True)
         self.trim(uid, seq)
         return size
+
+    def discard_snapshot(self, uid: str, seq: int) -> None:
+        """Deletes what a failed snapshot at `seq` left (a full disk must not stay full of a
+        snapshot that never completed); a complete snapshot (its JSON written) is kept."""
+        folder = self.collection_dir(uid)
+        stem = f"snapshot-{seq:016d}"
+        for tmp in (folder / f"{stem}.faiss.tmp", folder / f"{stem}.json.tmp"):
+            tmp.unlink(missing_ok=True)
+        if not (folder / f"{stem}.json").exists():
+            (folder / f"{stem}.faiss").unlink(missing_ok=True)
 
     def latest_snapshot(self, uid: str) -> Snapshot | None:
         folder = self.collection_dir(uid)
