@@ -219,6 +219,7 @@ def test_prometheus_scrapes_restart_and_coload_checks_of_the_default_model(
         assert {g["name"] for g in groups} == {
             "embedwarden-consistency",
             "embedwarden-service",
+            "embedwarden-storage",
             "embedwarden-verify",
         }
         assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
