@@ -19,6 +19,10 @@ class LayerParity:
     min_cosine: float
     mean_cosine: float
     top1_agreement: float  # fraction of inputs with the same argmax; -1 on non-class layers
+    # Text vector layers: top-10 neighbours of each input among a fixed corpus, shared by the
+    # two models (mean and least fraction); -1 elsewhere.
+    retrieval_overlap: float = -1.0
+    retrieval_min_overlap: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class ParityReport:
                     min_cosine=p.min_cosine,
                     mean_cosine=p.mean_cosine,
                     top1_agreement=p.top1_agreement,
+                    retrieval_overlap=p.retrieval_overlap,
+                    retrieval_min_overlap=p.retrieval_min_overlap,
                 )
                 for p in response.layers
             ),

@@ -26,12 +26,12 @@ def cmd_parity(args: argparse.Namespace, client: Client) -> int:
         print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
         return 0
     a, b = report.model_a, report.model_b
-    source = f"{len(images)} images" if images else "the server's canary photos"
+    source = f"{len(images)} images" if images else "the server's canaries"
     print(f"A  {a.name}@{a.version}  {a.fingerprint[:16]}")
     print(f"B  {b.name}@{b.version}  {b.fingerprint[:16]}")
     print(f"inputs: {report.inputs} ({source}); arrays compared channels-last")
-    print(f"preprocessed input  max |A-B| {_num(report.preprocess_max_abs_diff)}")
-    header = ("LAYER", "MAX_ABS_DIFF", "MIN_COS", "MEAN_COS", "TOP1")
+    print(f"preprocessed input (tokens for text)  max |A-B| {_num(report.preprocess_max_abs_diff)}")
+    header = ("LAYER", "MAX_ABS_DIFF", "MIN_COS", "MEAN_COS", "TOP1", "TOP10_OVERLAP")
     rows = [
         (
             p.layer,
@@ -39,6 +39,9 @@ def cmd_parity(args: argparse.Namespace, client: Client) -> int:
             f"{p.min_cosine:.7f}",
             f"{p.mean_cosine:.7f}",
             f"{p.top1_agreement:.2f}" if p.top1_agreement >= 0 else "-",
+            f"{p.retrieval_overlap:.3f} (min {p.retrieval_min_overlap:.1f})"
+            if p.retrieval_overlap >= 0
+            else "-",
         )
         for p in report.layers
     ]

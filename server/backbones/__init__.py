@@ -1,9 +1,10 @@
 """Framework backbones behind one `Backbone` protocol; `load_backbone` picks by manifest.
 
-One module per framework (`_torch`, `_keras`), the built-in EfficientNet-Lite in each, and the
-manifest writers for torchvision and `keras.applications` models. Modules that import a
-framework are loaded on first use (`load_backbone`, or the lazy names below), so that a server
-without Keras models never pays TensorFlow's import and the client CLI stays framework-free.
+One module per framework (`_torch`, `_keras`; for text `_transformers` and `_onnx`), the
+built-in EfficientNet-Lite in each, and the manifest writers for torchvision and
+`keras.applications` models. Modules that import a framework are loaded on first use
+(`load_backbone`, or the lazy names below), so that a server without Keras models never pays
+TensorFlow's import and the client CLI stays framework-free.
 """
 
 from __future__ import annotations
@@ -65,4 +66,14 @@ def load_backbone(
 
         verified, data = read_verified(manifest, weights_dirs)
         return KerasBackbone(manifest, data, device), verified
+    if manifest.framework == "transformers":
+        from ._transformers import TransformersBackbone
+
+        verified, data = read_verified(manifest, weights_dirs)
+        return TransformersBackbone(manifest, data, device), verified
+    if manifest.framework == "onnxruntime":
+        from ._onnx import OnnxTextBackbone
+
+        verified, data = read_verified(manifest, weights_dirs)
+        return OnnxTextBackbone(manifest, data, device), verified
     raise FailedPrecondition(f"{manifest.ref}: no backbone for framework {manifest.framework}")

@@ -13,8 +13,15 @@ from embedwarden.v1 import admin_pb2, embedding_pb2, types_pb2
 from .._errors import InvalidInput
 from ..cache import CacheStats
 from ..consistency import ParityReport, Report
-from ..models import ImageSource, Manifest, Pooling, RawImage, Registry, allowed_poolings
-from ..serving import CacheMode, ExtractOptions, ExtractResult, ModelIdentity, ModelState
+from ..models import Manifest, Pooling, RawImage, Registry, TextInput, allowed_poolings
+from ..serving import (
+    CacheMode,
+    ExtractOptions,
+    ExtractResult,
+    InputSource,
+    ModelIdentity,
+    ModelState,
+)
 from ._wire import encode_items
 
 E = TypeVar("E")
@@ -63,8 +70,10 @@ def model_ref(
     return ref.name, ref.version
 
 
-def image_source(message: types_pb2.Input, index: int) -> ImageSource:
+def image_source(message: types_pb2.Input, index: int) -> InputSource:
     kind = message.WhichOneof("source")
+    if kind == "text":
+        return TextInput(message.text)
     if kind == "encoded":
         return message.encoded
     if kind == "raw":
@@ -74,10 +83,12 @@ def image_source(message: types_pb2.Input, index: int) -> ImageSource:
             tuple(int(d) for d in raw.shape),
             DTYPE_NAMES.get(raw.dtype, f"dtype#{raw.dtype}"),
         )
-    raise InvalidInput(f"inputs[{index}]: set either `encoded` bytes or a `raw` array")
+    raise InvalidInput(
+        f"inputs[{index}]: set either `encoded` bytes or a `raw` array (`text` for text models)"
+    )
 
 
-def image_sources(messages: Sequence[types_pb2.Input]) -> list[ImageSource]:
+def image_sources(messages: Sequence[types_pb2.Input]) -> list[InputSource]:
     return [image_source(m, i) for i, m in enumerate(messages)]
 
 
@@ -230,6 +241,8 @@ def parity_response(report: ParityReport) -> admin_pb2.CompareModelsResponse:
                 min_cosine=p.min_cosine,
                 mean_cosine=p.mean_cosine,
                 top1_agreement=p.top1_agreement,
+                retrieval_overlap=p.retrieval_overlap,
+                retrieval_min_overlap=p.retrieval_min_overlap,
             )
             for p in report.layers
         ],
