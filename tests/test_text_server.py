@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -62,6 +63,8 @@ def server(tmp_path_factory):
         make_settings(
             tmp_path_factory.mktemp("text-server"),
             models=("efficientnet_lite0", TORCH, ONNX),
+            cache_audit_fraction=1.0,
+            cache_audit_max_per_s=1000.0,
         )
     )
     thread.start()
@@ -110,13 +113,48 @@ def test_token_layers_pool_over_real_tokens_only(client):
     assert np.array_equal(cls.arrays["hidden.6"], full[:, 0])
 
 
-def test_the_cache_keys_on_the_text(client):
+def test_the_cache_keys_on_the_text(client, server):
     first = client.extract_text(["cache me"], TORCH)
+    server.app.cache.flush(30)  # writes are group-committed in the background
     second = client.extract_text(["cache me"], TORCH)
     other = client.extract_text(["cache me!"], TORCH)
     assert not first.cached["pooled"][0] and second.cached["pooled"][0]
     assert first.arrays["pooled"].tobytes() == second.arrays["pooled"].tobytes()
     assert other.arrays["pooled"].tobytes() != first.arrays["pooled"].tobytes()
+
+
+def test_a_corrupted_text_cache_entry_is_caught_by_the_audit(client, server):
+    import time
+
+    from embedwarden.server._metrics import METRICS
+    from embedwarden.server.models import TextInput
+    from embedwarden.server.serving import input_digest
+
+    app = server.app
+    labels = {"model": TORCH, "version": "1"}
+
+    def audits(result: str) -> float:
+        return METRICS.sample("embedwarden_cache_audit_total", {**labels, "result": result}) or 0
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, "condition not met in time"
+            time.sleep(0.05)
+
+    first = client.extract_text(["audit this sentence"], TORCH)
+    assert app.cache.flush(30)
+    matched = audits("match")
+    assert client.extract_text(["audit this sentence"], TORCH).cached["pooled"][0]
+    wait_for(lambda: audits("match") > matched)  # recomputed alone: bit-identical
+    digest = input_digest(TextInput.of("audit this sentence"))
+    fingerprint = app.models.get(TORCH).identity.fingerprint
+    key = app.cache.keys(fingerprint, "pooled", "none", "float32", False, [digest])[0]
+    app.cache.store(fingerprint, [(key, (first.array[0] * 1.05).astype(np.float32))])
+    assert app.cache.flush(30)
+    mismatched = audits("mismatch")
+    client.extract_text(["audit this sentence"], TORCH)
+    wait_for(lambda: audits("mismatch") > mismatched)
 
 
 def test_onnx_int8_is_close_to_the_pytorch_version(client):
@@ -143,6 +181,41 @@ def test_parity_reports_layers_cosine_and_retrieval_overlap(server):
     assert 0 < hidden["max_abs_diff"] < 2 and hidden["min_cosine"] > 0.98
     # Quantisation is more than float rounding: parity says so at the first layer compared.
     assert report["first_divergence"] == "pooled"
+
+
+def test_cli_extract_text_and_text_file(server, client, tmp_path):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(SENTENCES[1:4]) + "\n\n", encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    run_cli(
+        "--server", server.address, "extract", "--text", SENTENCES[0], "--text-file", str(lines),
+        "--model", TORCH, "--out", str(out),
+    )  # fmt: skip
+    got = np.load(out)
+    expected = client.extract_text(SENTENCES[:4], TORCH).arrays["pooled"]
+    assert got.shape == (4, 384) and got.tobytes() == expected.tobytes()
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["inputs"] == SENTENCES[:4] and meta["model"] == TORCH
+    described = run_cli("--server", server.address, "describe", TORCH).stdout
+    assert "tokenization    lowercase=True max_length=256" in described
+    assert "preprocessing" not in described
+
+
+def test_index_add_and_search_by_text(server, client, tmp_path):
+    client.create_collection("sentences", TORCH)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES[1:]), encoding="utf-8")
+    run_cli("--server", server.address, "index", "add", "sentences", "--text-file", str(corpus))
+    found = run_cli(
+        "--server", server.address, "index", "search", "sentences", "--text", SENTENCES[0],
+        "-k", "3", "--json",
+    )  # fmt: skip
+    hits = json.loads(found.stdout)["hits"]
+    assert hits[0]["id"] == SENTENCES[1]  # "...eating a piece of bread" for "...eating food"
+    stored = client.search("sentences", texts=[SENTENCES[4]], k=1)[0]
+    assert stored[0].id == SENTENCES[4] and stored[0].score > 0.999
+    with pytest.raises(InvalidArgument, match="text model"):
+        client.search("sentences", images=[b"\x89PNG not really"], k=1)
 
 
 def test_modalities_and_limits_are_refused_clearly(client, server, photos):

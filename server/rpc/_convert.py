@@ -155,7 +155,8 @@ def describe_model(
     manifest: Manifest, summary: embedding_pb2.ModelSummary, device: str
 ) -> embedding_pb2.DescribeModelResponse:
     p = manifest.preprocess
-    return embedding_pb2.DescribeModelResponse(
+    t = manifest.tokenizer
+    response = embedding_pb2.DescribeModelResponse(
         summary=summary,
         layers=[
             embedding_pb2.LayerInfo(
@@ -201,6 +202,19 @@ def describe_model(
         manifest=manifest.text,
         device=device,
     )
+    if t is not None:  # a text model: its tokenizer instead of image preprocessing
+        response.ClearField("preprocessing")
+        response.tokenization.CopyFrom(
+            embedding_pb2.Tokenization(
+                lowercase=t.lowercase,
+                max_length=t.max_length,
+                truncation_side=t.truncation_side,
+                pooling=t.pooling,
+                normalize=t.normalize,
+                files=dict(t.files),
+            )
+        )
+    return response
 
 
 def cache_stats(stats: CacheStats, registry: Registry) -> admin_pb2.GetCacheStatsResponse:
