@@ -10,6 +10,7 @@ TensorFlow's import and the client CLI stays framework-free.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,14 +67,29 @@ def load_backbone(
 
         verified, data = read_verified(manifest, weights_dirs)
         return KerasBackbone(manifest, data, device), verified
-    if manifest.framework == "transformers":
-        from ._transformers import TransformersBackbone
-
+    if manifest.framework in ("transformers", "onnxruntime"):
+        _require_text_extra(manifest)
         verified, data = read_verified(manifest, weights_dirs)
-        return TransformersBackbone(manifest, data, device), verified
-    if manifest.framework == "onnxruntime":
+        if manifest.framework == "transformers":
+            from ._transformers import TransformersBackbone
+
+            return TransformersBackbone(manifest, data, device), verified
         from ._onnx import OnnxTextBackbone
 
-        verified, data = read_verified(manifest, weights_dirs)
         return OnnxTextBackbone(manifest, data, device), verified
     raise FailedPrecondition(f"{manifest.ref}: no backbone for framework {manifest.framework}")
+
+
+def _require_text_extra(manifest: Manifest) -> None:
+    """Text models need the `text` extra; the `server` extra alone serves image models."""
+    needed = ["transformers", "tokenizers"]
+    if manifest.framework == "onnxruntime":
+        needed.append("onnxruntime")
+    else:
+        needed.append("safetensors")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FailedPrecondition(
+            f"{manifest.ref} is a text model and needs {', '.join(missing)}: "
+            "pip install 'embedwarden[text]'"
+        )

@@ -8,12 +8,12 @@ stray or changed file next to them in the package can neither be read nor slip i
 check and the load.
 
 Padding policy: each text runs alone at its own token count (no padding reaches the model).
-Measured on this project's CPU (see tests/test_text_server.py): the same sentence padded
-inside a batch (to the longest text) or batched with equal-length texts moves the last hidden
-state by up to ~2e-6; run alone it is bit-identical whatever else was in the request, so the
-batch check on text models holds to exact equality and cached vectors never depend on which
-requests happened to share a batch. The cost is per-text GEMMs instead of batched ones (a
-sentence of 20 tokens runs in ~5 ms on one core).
+Measured on this project's CPU (an Intel Xeon with AVX-512): padding the text canaries to the
+longest of their batch moved hidden states by up to 4.1e-6 (`pooled` 1.7e-7), and even texts
+of equal length batched together differed from the text alone by 2e-6; run alone, a text is
+bit-identical whatever else was in the request, so the batch check on text models holds to
+exact equality and cached vectors never depend on which requests shared a batch. The cost, on
+one core: 8 texts of 19 tokens take 97 ms one by one against 37 ms in one padded pass.
 """
 
 from __future__ import annotations
