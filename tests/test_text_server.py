@@ -18,7 +18,7 @@ import pytest
 from helpers import assert_close, make_settings, run_cli
 
 from embedwarden.client import Client, InvalidArgument
-from embedwarden.server.testing import ServerThread
+from embedwarden.server.testing import ServerProcess, ServerThread
 from embedwarden.v1 import embedding_pb2, embedding_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.text
@@ -245,7 +245,7 @@ def test_every_consistency_check_passes_with_text_and_image_models_loaded(client
     checks = {(r.model.name, r.check) for r in report.results}
     assert {"efficientnet_lite0", TORCH, ONNX} <= {m for m, _ in checks}
     for model in (TORCH, ONNX):
-        for check in ("restart", "batch", "weights", "preprocess", "flags"):
+        for check in ("restart", "coload", "batch", "weights", "training_mode", "preprocess"):
             assert (model, check) in checks, (model, check, sorted(checks))
     batch = [r for r in report.results if r.model.name == TORCH and r.check == "batch"]
     print("text batch check max |d|:", max(r.max_abs_diff for r in batch))
@@ -253,19 +253,21 @@ def test_every_consistency_check_passes_with_text_and_image_models_loaded(client
 
 
 def test_restart_gives_bit_identical_text_vectors(tmp_path):
-    settings = make_settings(tmp_path, models=(TORCH,))
-    vectors = []
+    """Two server processes one after the other on one data directory: the second compares
+    its canaries with the golden record the first made, and serves the same bytes."""
+    vectors, details = [], []
     for _ in range(2):
-        thread = ServerThread(settings)
-        thread.start()
+        server = ServerProcess(tmp_path / "data", "--models", TORCH, "--cache", "false").start()
         try:
-            with Client(thread.address, timeout=300) as c:
-                vectors.append(c.extract_text(SENTENCES, TORCH, cache="off").arrays["pooled"])
+            with Client(server.address, timeout=300) as c:
+                vectors.append(c.extract_text(SENTENCES, TORCH).arrays["pooled"])
                 report = c.check_consistency(TORCH)
-                assert all(r.passed for r in report.results), report.results
         finally:
-            thread.stop()
+            server.stop()
+        assert report.passed, report.results
+        details.append([r.detail for r in report.results if r.check == "restart" and not r.layer])
     assert vectors[0].tobytes() == vectors[1].tobytes()
+    assert "vs the golden record" in details[1][0], details
 
 
 def test_a_changed_tokenizer_file_refuses_to_load(tmp_path):
