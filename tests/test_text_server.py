@@ -98,6 +98,23 @@ def test_a_text_in_any_batch_is_bit_identical_to_it_alone(client):
     assert alone.tobytes() == batched.tobytes()
 
 
+def test_concurrent_requests_get_the_vectors_of_sequential_ones(server):
+    """Texts of concurrent requests are tokenised side by side and batched together; each
+    still gets the bytes it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"{s} (variant {k})" for k in range(4) for s in SENTENCES]
+    with Client(server.address, timeout=300) as c:
+        expected = [c.extract_text([t], TORCH, cache="off").arrays["pooled"][0] for t in texts]
+
+        def one(text: str) -> np.ndarray:
+            return c.extract_text([text], TORCH, cache="off").arrays["pooled"][0]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, texts))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, expected, strict=True))
+
+
 def test_token_layers_pool_over_real_tokens_only(client):
     texts = ["short one", SENTENCES[5]]
     out = client.extract_text(texts, TORCH, layers=["hidden.6", "pooled"], cache="off")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,15 +119,21 @@ def load_tokenizer(manifest: Manifest) -> tuple[TextPreprocessor, Any]:
     if tokenizer.pad_token_id is None:
         raise ManifestError(f"{manifest.ref}: the tokenizer has no padding token")
 
+    # A `transformers` tokenizer call sets truncation and padding on the shared Rust tokenizer
+    # when they differ from its current ones; the decode pool's threads must not interleave
+    # there (no race was seen in tests, the lock is cheap: tokenising a sentence is ~0.1 ms).
+    lock = threading.Lock()
+
     def tokenize(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        encoded = tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=spec.max_length,
-            return_tensors="np",
-            return_token_type_ids=False,
-        )
+        with lock:
+            encoded = tokenizer(
+                list(texts),
+                padding="max_length",
+                truncation=True,
+                max_length=spec.max_length,
+                return_tensors="np",
+                return_token_type_ids=False,
+            )
         return encoded["input_ids"], encoded["attention_mask"]
 
     return TextPreprocessor(spec, tokenize), config
