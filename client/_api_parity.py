@@ -9,7 +9,7 @@ from typing import Any
 from embedwarden.v1 import admin_pb2
 
 from ._base import ClientBase
-from ._types import ImageLike, ModelIdentity, image_input, model_ref
+from ._types import ImageLike, ModelIdentity, Text, image_input, model_ref
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,15 @@ class ParityAPI(ClientBase):
         layers: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | None = None,
         timeout: float | None = None,
+        texts: Sequence[str] | None = None,
     ) -> ParityReport:
-        """Runs the same images (default: the server's canary photos) through models `a` and
+        """Runs the same images (default: the server's canaries) through models `a` and
         `b` ("NAME" or "NAME@VERSION", both loaded) and reports, per shared layer, the max
         absolute difference, min/mean cosine and top-1 agreement, the difference of the
-        preprocessed inputs, and where the two start to diverge."""
+        preprocessed inputs, and where the two start to diverge. Text models take `texts` and
+        add top-10 retrieval overlap on vector layers."""
+        if texts is not None:
+            images = [*(images or []), *(Text(t) for t in texts)]
         request = admin_pb2.CompareModelsRequest(
             model_a=model_ref(a),
             model_b=model_ref(b),

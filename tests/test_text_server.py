@@ -198,6 +198,12 @@ def test_parity_reports_layers_cosine_and_retrieval_overlap(server):
     assert 0 < hidden["max_abs_diff"] < 2 and hidden["min_cosine"] > 0.98
     # Quantisation is more than float rounding: parity says so at the first layer compared.
     assert report["first_divergence"] == "pooled"
+    own = run_cli(
+        "--server", server.address, "parity", TORCH, ONNX, "--text", SENTENCES[0], "--text",
+        SENTENCES[6], "--layer", "pooled", "--json",
+    )  # fmt: skip
+    mine = json.loads(own.stdout)
+    assert mine["inputs"] == 2 and [p["layer"] for p in mine["layers"]] == ["pooled"]
 
 
 def test_cli_extract_text_and_text_file(server, client, tmp_path):

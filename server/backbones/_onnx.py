@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._errors import ManifestError
+from .._errors import FailedPrecondition, ManifestError
 from .._frameworks import import_torch
 from ..models import Manifest
 from ._text_common import load_tokenizer, run_per_text
@@ -29,7 +29,10 @@ class OnnxTextBackbone:
         self.manifest = manifest
         self.device = device
         if device != "cpu":
-            raise ManifestError(f"{manifest.ref}: the onnxruntime backbone runs on cpu only")
+            raise FailedPrecondition(
+                f"{manifest.ref}: the onnxruntime backbone runs on the CPU only; serve it from a "
+                "server started with --device cpu"
+            )
         assert manifest.tokenizer is not None
         self.spec = manifest.tokenizer
         self.preprocessor, _config = load_tokenizer(manifest)
