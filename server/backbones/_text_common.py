@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ManifestError, WeightsVerificationError
-from ..models import Manifest, TextPreprocessor, TokenizerSpec
-from ..models._weights import _package_dir
+from ..models import Manifest, TextPreprocessor, TokenizerSpec, package_dir
 
 CONFIG_OPTION = "config_sha256"  # [architecture.options]: the pinned config.json
 
@@ -47,7 +46,7 @@ def tokenizer_folder(manifest: Manifest, spec: TokenizerSpec) -> Path:
     folder), else the package's folder."""
     path = Path(os.path.expanduser(spec.path)) if spec.path else None
     if spec.package and not (path is not None and path.is_absolute()):
-        root = _package_dir(spec.package)
+        root = package_dir(spec.package)
         if root is None:
             raise WeightsVerificationError(
                 f"{manifest.ref}: tokenizer package {spec.package!r} is not installed; "

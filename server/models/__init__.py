@@ -40,6 +40,7 @@ from ._text import MAX_TEXT_BYTES, TextInput, TextPreprocessor, Tokenize, check_
 from ._weights import (
     VerifiedWeights,
     keras_models_dir,
+    package_dir,
     read_verified,
     sha256_file,
     torch_hub_checkpoints,
@@ -75,6 +76,7 @@ __all__ = [
     "finish",
     "keras_models_dir",
     "output_layout",
+    "package_dir",
     "parse_manifest",
     "parse_model_ref",
     "plan_geometry",
