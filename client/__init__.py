@@ -19,6 +19,7 @@ from ._exceptions import (
     Unauthenticated,
     Unavailable,
 )
+from ._types import Text
 
 __all__ = [
     "AlreadyExists",
@@ -35,6 +36,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Text",
     "Unauthenticated",
     "Unavailable",
     "VerifiedVector",

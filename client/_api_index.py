@@ -17,7 +17,15 @@ import numpy as np
 from embedwarden.v1 import index_pb2, types_pb2
 
 from ._base import ClientBase
-from ._types import CACHE_MODES, POOLINGS, ImageLike, ModelIdentity, image_input, model_ref
+from ._types import (
+    CACHE_MODES,
+    POOLINGS,
+    ImageLike,
+    ModelIdentity,
+    Text,
+    image_input,
+    model_ref,
+)
 from .tensor import to_tensor
 
 METRICS = {
@@ -192,12 +200,18 @@ class IndexAPI(ClientBase):
         vectors: np.ndarray | Sequence[np.ndarray] | None = None,
         *,
         images: Sequence[ImageLike] | None = None,
+        texts: Sequence[str] | None = None,
         fingerprint: str = "",
         cache: str = "on",
         timeout: float | None = None,
     ) -> UpsertResult:
         """Adds or replaces `ids` with `vectors` (made by the model version `fingerprint`) or with
-        `images` that the server embeds. One atomic request, durable once this returns."""
+        `images` (or `texts`, for a text model's collection) that the server embeds. One atomic
+        request, durable once this returns."""
+        if texts is not None:
+            if images is not None:
+                raise ValueError("pass images or texts, not both")
+            images = [Text(t) for t in texts]
         if (vectors is None) == (images is None):
             raise ValueError("pass either vectors (with their fingerprint) or images")
         values: list[dict[str, Any]]
@@ -227,6 +241,7 @@ class IndexAPI(ClientBase):
         vectors: np.ndarray | Sequence[np.ndarray] | None = None,
         *,
         images: Sequence[ImageLike] | None = None,
+        texts: Sequence[str] | None = None,
         ids: Sequence[str] | None = None,
         k: int = 10,
         fingerprint: str = "",
@@ -235,7 +250,12 @@ class IndexAPI(ClientBase):
         timeout: float | None = None,
     ) -> SearchResults:
         """The k nearest stored ids to each query: vectors (with their fingerprint), images
-        (embedded by the server), or ids already stored (searched with their vectors)."""
+        (embedded by the server), texts (for a text model's collection), or ids already stored
+        (searched with their vectors)."""
+        if texts is not None:
+            if images is not None:
+                raise ValueError("pass exactly one of vectors, images, texts or ids")
+            images = [Text(t) for t in texts]
         given = [q is not None for q in (vectors, images, ids)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of vectors, images or ids")

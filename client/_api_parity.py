@@ -9,7 +9,7 @@ from typing import Any
 from embedwarden.v1 import admin_pb2
 
 from ._base import ClientBase
-from ._types import ImageLike, ModelIdentity, image_input, model_ref
+from ._types import ImageLike, ModelIdentity, Text, image_input, model_ref
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,10 @@ class LayerParity:
     min_cosine: float
     mean_cosine: float
     top1_agreement: float  # fraction of inputs with the same argmax; -1 on non-class layers
+    # Text vector layers: top-10 neighbours of each input among a fixed corpus, shared by the
+    # two models (mean and least fraction); -1 elsewhere.
+    retrieval_overlap: float = -1.0
+    retrieval_min_overlap: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class ParityReport:
                     min_cosine=p.min_cosine,
                     mean_cosine=p.mean_cosine,
                     top1_agreement=p.top1_agreement,
+                    retrieval_overlap=p.retrieval_overlap,
+                    retrieval_min_overlap=p.retrieval_min_overlap,
                 )
                 for p in response.layers
             ),
@@ -72,11 +78,15 @@ class ParityAPI(ClientBase):
         layers: str | Sequence[str] | None = None,
         images: Sequence[ImageLike] | None = None,
         timeout: float | None = None,
+        texts: Sequence[str] | None = None,
     ) -> ParityReport:
-        """Runs the same images (default: the server's canary photos) through models `a` and
+        """Runs the same images (default: the server's canaries) through models `a` and
         `b` ("NAME" or "NAME@VERSION", both loaded) and reports, per shared layer, the max
         absolute difference, min/mean cosine and top-1 agreement, the difference of the
-        preprocessed inputs, and where the two start to diverge."""
+        preprocessed inputs, and where the two start to diverge. Text models take `texts` and
+        add top-10 retrieval overlap on vector layers."""
+        if texts is not None:
+            images = [*(images or []), *(Text(t) for t in texts)]
         request = admin_pb2.CompareModelsRequest(
             model_a=model_ref(a),
             model_b=model_ref(b),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,6 +26,7 @@ from ._types import (
     POOLINGS,
     ImageLike,
     ModelIdentity,
+    Text,
     image_input,
     model_ref,
 )
@@ -136,6 +138,10 @@ class Client(CacheAPI, IndexAPI, ConsistencyAPI, ParityAPI, VerifyAPI, ClientBas
         )
         result = Extraction.from_proto(self._call(self._embedding.Extract, request, timeout))
         return _checked(result, expect_fingerprint)
+
+    def extract_text(self, texts: Sequence[str], model: str, **options: Any) -> Extraction:
+        """Embeds `texts` with a text model (same options as `extract`)."""
+        return self.extract([Text(t) for t in texts], model, **options)
 
     def extract_stream(
         self,

@@ -39,8 +39,17 @@ def model_ref(model: str, version: str = "", fingerprint: str = "") -> types_pb2
     return types_pb2.ModelRef(name=model, version=version, fingerprint=fingerprint)
 
 
+class Text(str):
+    """A text, for text models: wraps a `str` where a plain one would mean an image path."""
+
+    __slots__ = ()
+
+
 def image_input(image: ImageLike) -> types_pb2.Input:
-    """Encoded bytes, a file path (sent as its bytes), or a uint8 H x W x 3 RGB array."""
+    """Encoded bytes, a file path (sent as its bytes), or a uint8 H x W x 3 RGB array; or a
+    `Text` (sent as UTF-8) for text models."""
+    if isinstance(image, Text):
+        return types_pb2.Input(text=image.encode("utf-8"))
     if isinstance(image, bytes | bytearray | memoryview):
         return types_pb2.Input(encoded=bytes(image))
     if isinstance(image, np.ndarray):

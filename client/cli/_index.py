@@ -1,14 +1,15 @@
 """`embedwarden index ...`: collections for similarity search.
 
 index create NAME --model M[@V] [--layer L] [--metric cosine|ip|l2] [--kind flat|hnsw|ivf]
-index add NAME FILES_OR_DIRS... [--ids-from path|stem]
-index search NAME QUERY_FILE [-k 10] [--json]
+index add NAME FILES_OR_DIRS... [--ids-from path|stem]  |  index add NAME --text-file F [--text T]
+index search NAME QUERY_FILE [-k 10] [--json]  |  index search NAME --text "..." [-k 10]
 index list | describe NAME | remove NAME IDS... | drop NAME
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .._api_index import KINDS, METRICS, CollectionInfo
 from ._format import Progress, human_bytes, print_json, print_table
-from ._inputs import collect_images
+from ._inputs import collect_images, read_texts
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -79,8 +80,37 @@ def _ids_for(files: Sequence[Path], mode: str) -> list[str]:
     return ids
 
 
-def cmd_add(args: argparse.Namespace, client: Client) -> int:
+def text_id(text: str) -> str:
+    """A text's id in a collection: the text itself, or its hash when over the id limit."""
+    raw = text.encode("utf-8")
+    return text if len(raw) <= 512 else "sha256:" + hashlib.sha256(raw).hexdigest()[:32]
 
+
+def add_texts(args: argparse.Namespace, client: Client, texts: list[str]) -> int:
+    ids = list(dict.fromkeys(text_id(t) for t in texts))  # a repeated text is stored once
+    texts = list(dict.fromkeys(texts))
+    inserted = replaced = sequence = 0
+    for start in range(0, len(texts), args.batch_size):
+        batch = texts[start : start + args.batch_size]
+        result = client.upsert(
+            args.name, ids[start : start + len(batch)], texts=batch, cache=args.cache
+        )
+        inserted, replaced = inserted + result.inserted, replaced + result.replaced
+        sequence = result.log_sequence
+    print(
+        f"{args.name}: {inserted} added, {replaced} replaced (log sequence {sequence})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_add(args: argparse.Namespace, client: Client) -> int:
+    texts = read_texts(args)
+    if texts:
+        if args.inputs:
+            print("give image files or --text/--text-file, not both", file=sys.stderr)
+            return 2
+        return add_texts(args, client, texts)
     files = collect_images(args.inputs)
     if not files:
         print("no image files found", file=sys.stderr)
@@ -110,7 +140,14 @@ def cmd_add(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_search(args: argparse.Namespace, client: Client) -> int:
 
-    if args.by_id:
+    if (args.query is None) == (args.text is None):
+        print("give one query: an image file, an id (--by-id) or --text", file=sys.stderr)
+        return 2
+    if args.text is not None:
+        results = client.search(
+            args.name, texts=[args.text], k=args.k, ef_search=args.ef_search, nprobe=args.nprobe
+        )
+    elif args.by_id:
         results = client.search(
             args.name, ids=[args.query], k=args.k, ef_search=args.ef_search, nprobe=args.nprobe
         )
@@ -128,7 +165,7 @@ def cmd_search(args: argparse.Namespace, client: Client) -> int:
         print_json(
             {
                 "collection": args.name,
-                "query": args.query,
+                "query": args.query if args.text is None else args.text,
                 "model": {"name": m.name, "version": m.version, "fingerprint": m.fingerprint},
                 "hits": [{"id": h.id, "score": h.score} for h in hits],
             }
@@ -218,9 +255,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_create)
 
-    p = cmds.add_parser("add", help="embed image files into a collection (server-side)")
+    p = cmds.add_parser("add", help="embed image files (or texts) into a collection (server-side)")
     p.add_argument("name")
-    p.add_argument("inputs", nargs="+", help="image files or folders (walked recursively)")
+    p.add_argument("inputs", nargs="*", help="image files or folders (walked recursively)")
+    p.add_argument("--text", action="append", help="a text (text models; id: the text itself)")
+    p.add_argument("--text-file", action="append", help="UTF-8 file of texts, one per line")
     p.add_argument(
         "--ids-from",
         choices=("path", "stem"),
@@ -234,7 +273,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = cmds.add_parser("search", help="nearest stored images to a query image")
     p.add_argument("name")
-    p.add_argument("query", help="an image file (or, with --by-id, a stored id)")
+    p.add_argument("query", nargs="?", help="an image file (or, with --by-id, a stored id)")
+    p.add_argument("--text", help="a text query (collections of text models)")
     p.add_argument("-k", type=_positive, default=10, help="hits to return (default 10)")
     p.add_argument("--by-id", action="store_true", help="QUERY is an id already stored")
     p.add_argument("--ef-search", type=_positive, default=0, help="HNSW override")

@@ -1,7 +1,9 @@
-"""Which files a command reads: named files as given, folders walked for images, sorted."""
+"""Which inputs a command reads: named files as given, folders walked for images, sorted; texts
+from `--text` and `--text-file`."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,3 +26,12 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{raw}: no such file or folder")
     return out
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+    """`--text` values, then the lines of each `--text-file` (UTF-8; blank lines skipped)."""
+    texts = list(args.text or [])
+    for name in args.text_file or []:
+        lines = Path(name).read_text(encoding="utf-8").splitlines()
+        texts.extend(line for line in lines if line.strip())
+    return texts

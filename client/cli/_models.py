@@ -11,24 +11,30 @@ from pathlib import Path
 import numpy as np
 
 from .._client import Client
-from .._types import POOLINGS
+from .._types import POOLINGS, Text
 from . import _ray
 from ._format import Progress, message_dict, print_json, print_table
-from ._inputs import collect_images
+from ._inputs import collect_images, read_texts
 
 
 def cmd_extract(args: argparse.Namespace, client: Client) -> int:
     if args.ray:
         return _ray.cmd_extract_ray(args)
-    files = collect_images(args.inputs)
-    if not files:
-        print("no image files found", file=sys.stderr)
+    texts = read_texts(args)
+    if texts and args.inputs:
+        print("give image files or --text/--text-file, not both", file=sys.stderr)
         return 2
-    progress = Progress(len(files), "extract", enabled=len(files) > args.batch_size)
+    files = [] if texts else collect_images(args.inputs)
+    if not files and not texts:
+        print("no image files found (or texts given)", file=sys.stderr)
+        return 2
+    count = len(texts) or len(files)
+    progress = Progress(count, "extract", enabled=count > args.batch_size)
     per_layer: dict[str, list[np.ndarray]] = {}
     identity = None
 
-    def reads() -> Iterator[bytes]:
+    def reads() -> Iterator[bytes | Text]:
+        yield from (Text(t) for t in texts)
         for f in files:
             yield f.read_bytes()
 
@@ -64,7 +70,7 @@ def cmd_extract(args: argparse.Namespace, client: Client) -> int:
         "pooling": args.pool,
         "dtype": args.dtype,
         "normalize": args.normalize,
-        "inputs": [str(f) for f in files],
+        "inputs": [str(f) for f in files] if files else texts,
     }
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
@@ -123,22 +129,30 @@ def cmd_describe(args: argparse.Namespace, client: Client) -> int:
         f"  architecture    {s.framework}:{s.architecture}  dtype {info.dtype}  "
         f"deterministic {info.deterministic}  device {info.device}"
     )
-    geometry = {
-        "crop_resize": f"crop {p.crop_fraction:g} of short side -> {p.size}",
-        "resize_crop": f"short side {p.resize_size} -> centre crop {p.size}",
-        "resize": f"resize to {p.size}x{p.size}",
-    }.get(p.resize_mode, p.resize_mode)
-    print(
-        f"  preprocessing   {p.decoder} {p.color_order} {geometry} {p.interpolation} "
-        f"antialias={p.antialias} (x/{p.divisor:g} - {list(p.mean)}) / {list(p.std)} "
-        f"{p.layout}"
-    )
-    d = p.decoding
-    print(
-        f"  decoding        {','.join(d.formats)}; exif {d.exif}, icc {d.icc}, alpha {d.alpha}"
-        f"{' on ' + str(list(d.background)) if d.alpha == 'composite' else ''}, 16-bit "
-        f"{d.sixteen_bit}, frames {d.frames}"
-    )
+    if info.HasField("tokenization"):
+        t = info.tokenization
+        print(
+            f"  tokenization    lowercase={t.lowercase} max_length={t.max_length} truncation "
+            f"{t.truncation_side}; pooled: {t.pooling}{' + L2' if t.normalize else ''}; "
+            f"{len(t.files)} files pinned"
+        )
+    else:
+        geometry = {
+            "crop_resize": f"crop {p.crop_fraction:g} of short side -> {p.size}",
+            "resize_crop": f"short side {p.resize_size} -> centre crop {p.size}",
+            "resize": f"resize to {p.size}x{p.size}",
+        }.get(p.resize_mode, p.resize_mode)
+        print(
+            f"  preprocessing   {p.decoder} {p.color_order} {geometry} {p.interpolation} "
+            f"antialias={p.antialias} (x/{p.divisor:g} - {list(p.mean)}) / {list(p.std)} "
+            f"{p.layout}"
+        )
+        d = p.decoding
+        print(
+            f"  decoding        {','.join(d.formats)}; exif {d.exif}, icc {d.icc}, alpha {d.alpha}"
+            f"{' on ' + str(list(d.background)) if d.alpha == 'composite' else ''}, 16-bit "
+            f"{d.sixteen_bit}, frames {d.frames}"
+        )
     if info.description:
         print(f"  description     {info.description}")
     print("  layers:")
@@ -175,7 +189,9 @@ def add_expect_fingerprint(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("extract", help="embed image files into a .npy (rows in input order)")
-    p.add_argument("inputs", nargs="+", help="image files or folders (walked recursively)")
+    p.add_argument("inputs", nargs="*", help="image files or folders (walked recursively)")
+    p.add_argument("--text", action="append", help="a text, for text models (repeatable)")
+    p.add_argument("--text-file", action="append", help="UTF-8 file of texts, one per line")
     p.add_argument("--model", required=True, help="NAME or NAME@VERSION")
     p.add_argument("--layer", action="append", help="layer (repeat for several: .npz output)")
     p.add_argument("--pool", default="default", choices=sorted(POOLINGS))

@@ -1,14 +1,16 @@
 """Framework backbones behind one `Backbone` protocol; `load_backbone` picks by manifest.
 
-One module per framework (`_torch`, `_keras`), the built-in EfficientNet-Lite in each, and the
-manifest writers for torchvision and `keras.applications` models. Modules that import a
-framework are loaded on first use (`load_backbone`, or the lazy names below), so that a server
-without Keras models never pays TensorFlow's import and the client CLI stays framework-free.
+One module per framework (`_torch`, `_keras`; for text `_transformers` and `_onnx`), the
+built-in EfficientNet-Lite in each, and the manifest writers for torchvision and
+`keras.applications` models. Modules that import a framework are loaded on first use
+(`load_backbone`, or the lazy names below), so that a server without Keras models never pays
+TensorFlow's import and the client CLI stays framework-free.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,4 +67,29 @@ def load_backbone(
 
         verified, data = read_verified(manifest, weights_dirs)
         return KerasBackbone(manifest, data, device), verified
+    if manifest.framework in ("transformers", "onnxruntime"):
+        _require_text_extra(manifest)
+        verified, data = read_verified(manifest, weights_dirs)
+        if manifest.framework == "transformers":
+            from ._transformers import TransformersBackbone
+
+            return TransformersBackbone(manifest, data, device), verified
+        from ._onnx import OnnxTextBackbone
+
+        return OnnxTextBackbone(manifest, data, device), verified
     raise FailedPrecondition(f"{manifest.ref}: no backbone for framework {manifest.framework}")
+
+
+def _require_text_extra(manifest: Manifest) -> None:
+    """Text models need the `text` extra; the `server` extra alone serves image models."""
+    needed = ["transformers", "tokenizers"]
+    if manifest.framework == "onnxruntime":
+        needed.append("onnxruntime")
+    else:
+        needed.append("safetensors")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FailedPrecondition(
+            f"{manifest.ref} is a text model and needs {', '.join(missing)}: "
+            "pip install 'embedwarden[text]'"
+        )

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._errors import EmbedwardenError
 from .._metrics import METRICS
-from ..models import RawImage, finish
+from ..models import finish
 from ..serving import CacheHit, EmbeddingCache, LoadedModel
 from . import _report as report
 from ._checks import Diff, compare
@@ -78,7 +78,7 @@ class AuditQueue:
             sources = {k: v for k, v in sources.items() if k in kept}
             if not chosen:
                 return
-        size = sum(len(s.data) if isinstance(s, RawImage) else len(s) for s in sources.values())
+        size = sum(len(s) if isinstance(s, bytes) else len(s.data) for s in sources.values())
         with self._lock:
             if self._bytes + size > QUEUE_BYTES:
                 log.debug(

@@ -13,7 +13,11 @@ They are sent as raw arrays, the other input path. Each targets a drift source:
 - `portrait`: a tall blocky image (short-side geometry, crop centring, aspect handling);
 - `tiny`: 40 x 48 pixels of noise (the upscaling path, every pixel independent).
 
-Sizes are odd on purpose, so that off-by-one crop offsets change the result. The set is
+Sizes are odd on purpose, so that off-by-one crop offsets change the result.
+
+Text models have canary sentences instead (`TEXT_CANARIES`): fixed strings of different lengths,
+mixed case (lower-casing), accents and non-Latin scripts (normalisation, accent stripping,
+unknown pieces), and one far beyond 256 word pieces (truncation length and side). The set is
 versioned (`CANARY_SET_VERSION`); golden records name each canary and its input hash, so a
 changed canary is reported as such, never as model drift.
 """
@@ -27,7 +31,7 @@ from importlib import resources
 
 import numpy as np
 
-from ..models import ImageSource, RawImage
+from ..models import ImageSource, RawImage, TextInput
 from ..serving import input_digest
 
 CANARY_SET_VERSION = 1
@@ -37,7 +41,7 @@ PHOTO_FILES = ("chelsea.png", "rocket.jpg", "coffee.png")  # in scikit-image's `
 @dataclass(frozen=True)
 class Canary:
     id: str  # "photo/chelsea", "synthetic/noise"
-    source: ImageSource  # encoded file bytes (photos) or a raw RGB array (synthetic)
+    source: ImageSource | TextInput  # encoded bytes (photos), a raw RGB array, or a text
 
     @property
     def kind(self) -> str:
@@ -109,10 +113,32 @@ def _portrait(height: int, width: int) -> np.ndarray:
     return np.repeat(np.repeat(small, 8, axis=0), 8, axis=1)[:height, :width]
 
 
+_LONG = " ".join(
+    f"Paragraph {i}: the committee reviewed clause {i * 7 % 31} and deferred it again."
+    for i in range(40)
+)  # about 700 word pieces: truncated at max_length, so its tail must never matter
+TEXT_CANARIES = (
+    ("text/short", "A man is eating food."),
+    ("text/unicode", "Crème brûlée à São Paulo — Zürich, 東京 и Москва: naïve café ☕ 🚀"),
+    ("text/cased", "THE QUICK Brown Fox JUMPS over the lazy DOG, twice; then it rests."),
+    (
+        "text/medium",
+        (
+            "Embedding services cache vectors by input and model version, so that a changed "
+            "tokenizer, a new runtime or a quantised export can never serve stale results."
+        ),
+    ),
+    ("text/long", _LONG),
+    ("text/word", "hello"),
+)
+
+
 @cache
-def canaries() -> tuple[Canary, ...]:
-    """The canary set, photos and synthetic images interleaved (the first two are kept as full
-    tensors in golden records: one photo and one synthetic image)."""
+def canaries(modality: str = "image") -> tuple[Canary, ...]:
+    """The canary set of a modality. Images: photos and synthetic images interleaved (the first
+    two are kept as full tensors in golden records: one photo and one synthetic image)."""
+    if modality == "text":
+        return tuple(Canary(cid, TextInput.of(text)) for cid, text in TEXT_CANARIES)
     data = resources.files("skimage.data")
     photos = [
         Canary(f"photo/{name.rsplit('.', 1)[0]}", (data / name).read_bytes())
@@ -128,6 +154,13 @@ def canaries() -> tuple[Canary, ...]:
     for i in range(max(len(photos), len(synthetic))):
         ordered.extend(group[i] for group in (photos, synthetic) if i < len(group))
     return tuple(ordered)
+
+
+def text_filler(index: int) -> TextInput:
+    """Non-canary texts for the batch check of text models: shorter and longer than the
+    canaries, so that padding to the longest would change every canary's shape."""
+    words = 1 + (index * 37) % 300
+    return TextInput.of(" ".join(f"filler{index}-{k % 13}" for k in range(words)))
 
 
 def filler(index: int, size: int) -> RawImage:

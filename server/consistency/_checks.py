@@ -20,7 +20,7 @@ import numpy as np
 
 from ..models import LayerSpec, Manifest, tensor_sha256
 from ..serving import LoadedModel
-from ._canaries import Canary, filler
+from ._canaries import Canary, filler, text_filler
 from ._golden import CanaryEmbeddings, full_plan
 from ._tolerance import EXACT, Tolerance
 
@@ -257,10 +257,14 @@ def batch_check(
     count = min(len(canaries), batch_size)
     positions = batch_positions(count, batch_size)
     size = model.manifest.preprocess.size
+    text = model.manifest.modality == "text"
     rows: list[np.ndarray] = []
     canary_at = dict(zip(positions, range(count), strict=True))
     for row in range(batch_size):
-        source = canaries[canary_at[row]].source if row in canary_at else filler(row, size)
+        if row in canary_at:
+            source = canaries[canary_at[row]].source
+        else:
+            source = text_filler(row) if text else filler(row, size)
         rows.append(model.preprocessor.prepare(source, MAX_CANARY_PIXELS))
     layers = list(alone)
     outputs = model.backbone.infer(np.stack(rows), layers)

@@ -54,7 +54,17 @@ FULL_CANARIES = 2
 FULL_TENSOR_BUDGET = 8 << 20  # bytes of full float32 outputs kept per record
 STALE_TMP_S = 3600.0
 # Process flags of a framework a model does not use don't change its outputs.
-_FOREIGN_PREFIXES = {"torch": ("tensorflow", "keras", "tf_"), "keras": ()}
+_FOREIGN_PREFIXES = {
+    "torch": ("tensorflow", "keras", "tf_"),
+    "keras": (),
+    "transformers": ("tensorflow", "keras", "tf_"),
+    "onnxruntime": ("tensorflow", "keras", "tf_"),
+}
+# Libraries whose versions change a text model's numbers (tokenizer and runtime), per framework.
+_TEXT_LIBRARIES = {
+    "transformers": ("transformers", "tokenizers", "safetensors"),
+    "onnxruntime": ("transformers", "tokenizers", "onnxruntime"),
+}
 
 
 @dataclass
@@ -136,6 +146,8 @@ def environment(device: str, manifest: Manifest) -> dict[str, str]:
         cpu=_cpu_model(),
         cpu_capability=str(torch.backends.cpu.get_cpu_capability()),
     )
+    for library in _TEXT_LIBRARIES.get(manifest.framework, ()):
+        env[library] = _package_version(library)
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["cudnn"] = str(torch.backends.cudnn.version())

@@ -298,7 +298,7 @@ class ConsistencyMonitor:
         watch = self._new_watch(model)
         env = environment(model.device, manifest)
         golden, problem = self._find_golden(ident, manifest.canonical())
-        run = run_canaries(model, canaries())
+        run = run_canaries(model, canaries(model.manifest.modality))
         recorded_now = False
         if golden is None and not problem and self.store.read_only:
             problem = (
@@ -373,7 +373,7 @@ class ConsistencyMonitor:
         golden = self.store.save(record)
         recorded_now = golden.recorded_at == record.recorded_at
         if recorded_now:
-            run = run_canaries(model, canaries(), only=[0])
+            run = run_canaries(model, canaries(model.manifest.modality), only=[0])
         return golden, run, recorded_now
 
     def _coload_at_load_rows(
@@ -454,14 +454,16 @@ class ConsistencyMonitor:
                     started = time.perf_counter()
                     batch_size = max(1, self.settings.max_batch_size)
                     keep = batch_layers(model.manifest, batch_size)
-                    run = run_canaries(model, canaries(), keep=keep)
+                    run = run_canaries(model, canaries(model.manifest.modality), keep=keep)
                     rows, _ = self._golden_rows(
                         watch, run.embeddings, "coload", "periodic/on demand"
                     )
                     self._publish(watch, rows, {"coload": time.perf_counter() - started})
                     started = time.perf_counter()
                     tol = Tolerance.of(model.manifest, exact=False)
-                    diffs, count = batch_check(model, canaries(), run.kept, batch_size, tol)
+                    diffs, count = batch_check(
+                        model, canaries(model.manifest.modality), run.kept, batch_size, tol
+                    )
                     now = time.time()
                     rows = report.layer_rows(ident, "batch", diffs, tol, now)
                     context = (
@@ -483,7 +485,7 @@ class ConsistencyMonitor:
                 return
             with self._run_lock:
                 started = time.perf_counter()
-                run = run_canaries(watch.model, canaries())
+                run = run_canaries(watch.model, canaries(watch.model.manifest.modality))
                 rows, _ = self._golden_rows(watch, run.embeddings, "coload", "after a load/unload")
                 rows.append(self._flags_row(watch.identity, time.time()))
                 self._publish(watch, rows, {"coload": time.perf_counter() - started})

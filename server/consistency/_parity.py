@@ -14,6 +14,9 @@ same ones that apply to a model run in a changed environment. Cross-framework ro
 small (torch vs Keras EfficientNet-Lite0: max |a - b| below 1e-5 of max |a| at every layer); a
 real bug (BatchNorm in training mode, a wrong colour order) is orders of magnitude larger.
 
+Text models (`compare_text_models`): tokens instead of input tensors, and retrieval agreement
+(top-10 neighbour overlap over a fixed corpus) on vector layers; see `_text_parity`.
+
 Inputs by default: the server's canary set (`_canaries`: real photos and synthetic images).
 Layers by default: every layer name both catalogues have with the same shape once in the same
 layout. `ParityMonitor` exports the report of configured pairs as metrics.
@@ -28,17 +31,27 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from .._errors import EmbedwardenError, InvalidInput, LimitExceeded, ManifestError, NotFound
 from .._metrics import METRICS
-from ..models import ImageSource, LayerSpec, Manifest, Registry, decode, parse_model_ref
-from ..serving import ItemOutput, LoadedModel, ModelIdentity, ModelManager
+from ..models import (
+    ImageSource,
+    LayerSpec,
+    Manifest,
+    Preprocessor,
+    Registry,
+    TextInput,
+    decode,
+    parse_model_ref,
+)
+from ..serving import InputSource, ItemOutput, LoadedModel, ModelIdentity, ModelManager
 from ._canaries import canaries
 from ._checks import cosines
+from ._text_parity import corpus_tensors, overlaps, retrieval_layers, text_inputs, top_k
 from ._tolerance import Tolerance
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,9 @@ class LayerParity:
     mean_cosine: float
     top1_agreement: float  # -1 when the layer is not a class layer
     diverged: bool
+    # Text vector layers: mean and least top-10 neighbour overlap over a fixed corpus (else -1).
+    retrieval_overlap: float = -1.0
+    retrieval_min_overlap: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,7 @@ def comparable_layers(
 def canary_inputs() -> tuple[ImageSource, ...]:
     """The built-in inputs: the server's canary set (real photos as encoded files, and
     synthetic images that stress resampling and colour handling, as raw arrays)."""
-    return tuple(canary.source for canary in canaries())
+    return tuple(c.source for c in canaries() if not isinstance(c.source, TextInput))
 
 
 # --- the comparison ------------------------------------------------------------------------
@@ -199,7 +215,7 @@ def _decode_all(
 def compare_models(
     a: LoadedModel,
     b: LoadedModel,
-    sources: Sequence[ImageSource] = (),
+    sources: Sequence[InputSource] = (),
     layers: Sequence[str] = (),
     *,
     max_pixels: int = 40_000_000,
@@ -209,8 +225,15 @@ def compare_models(
     ma, mb = a.manifest, b.manifest
     if len(sources) > max_inputs:
         raise LimitExceeded(f"{len(sources)} inputs; a parity report takes at most {max_inputs}")
+    if ma.modality != mb.modality:
+        raise InvalidInput(f"{ma.ref} takes {ma.modality}s, {mb.ref} {mb.modality}s: no parity")
     pairs = comparable_layers(ma, mb, layers)
-    inputs = list(sources or canary_inputs())
+    if ma.modality == "text":
+        return compare_text_models(a, b, sources, pairs)
+    inputs = [s for s in sources if not isinstance(s, TextInput)] or list(canary_inputs())
+    if len(inputs) != len(sources) and sources:
+        raise InvalidInput("texts sent for a parity report of image models")
+    assert isinstance(a.preprocessor, Preprocessor) and isinstance(b.preprocessor, Preprocessor)
     images_a = _decode_all(inputs, ma, max_pixels)
     # Decoding is part of each model's contract: decoded again only where the two differ.
     same = ma.preprocess.decode == mb.preprocess.decode
@@ -245,6 +268,57 @@ def compare_models(
             )
         )
     first = PREPROCESS if pre_diverged else next((r.layer for r in results if r.diverged), "")
+    return ParityReport(
+        model_a=a.identity,
+        model_b=b.identity,
+        inputs=len(inputs),
+        preprocess_max_abs_diff=pre_diff,
+        layers=tuple(results),
+        first_divergence=first,
+    )
+
+
+def compare_text_models(
+    a: LoadedModel,
+    b: LoadedModel,
+    sources: Sequence[InputSource],
+    pairs: list[tuple[LayerSpec, LayerSpec]],
+) -> ParityReport:
+    """Text models: tokens, then layers, then retrieval agreement (see `_text_parity`)."""
+    ma, mb = a.manifest, b.manifest
+    inputs = text_inputs(sources)
+    tensors_a = [a.preprocessor.prepare(t, 0) for t in inputs]
+    tensors_b = [b.preprocessor.prepare(t, 0) for t in inputs]
+    tolerance = Tolerance.between(ma, mb)
+    tokens_a, tokens_b = np.stack(tensors_a), np.stack(tensors_b)
+    if tokens_a.shape == tokens_b.shape:
+        pre_diff = float(np.abs(tokens_a - tokens_b).max())
+    else:  # other max lengths: nothing to compare token by token
+        pre_diff = math.inf
+    retrieval = retrieval_layers(pairs)
+    with ExitStack() as stack:
+        stack.enter_context(a.use())
+        stack.enter_context(b.use())
+        out_a = _run(a, tensors_a, [la.name for la, _ in pairs])
+        out_b = _run(b, tensors_b, [lb.name for _, lb in pairs])
+        if retrieval:
+            corpus_a = _run(a, corpus_tensors(a), retrieval)
+            corpus_b = _run(b, corpus_tensors(b), retrieval)
+    results = []
+    for la, lb in pairs:
+        result = compare_arrays(la.name, out_a[la.name], out_b[lb.name], tolerance, False)
+        if la.name in retrieval:
+            shared = overlaps(
+                top_k(out_a[la.name], corpus_a[la.name]),
+                top_k(out_b[lb.name], corpus_b[la.name]),
+            )
+            result = replace(
+                result,
+                retrieval_overlap=float(shared.mean()),
+                retrieval_min_overlap=float(shared.min()),
+            )
+        results.append(result)
+    first = PREPROCESS if pre_diff != 0 else next((r.layer for r in results if r.diverged), "")
     return ParityReport(
         model_a=a.identity,
         model_b=b.identity,

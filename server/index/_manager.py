@@ -34,8 +34,8 @@ from .._frameworks import available_cores
 from .._metrics import METRICS
 from .._settings import Settings
 from .._storage import FailureLog, disk_full, is_disk_full
-from ..models import ImageSource, Pooling, Registry, pool, resolve_pooling
-from ..serving import CacheMode, ExtractionService, ExtractOptions, ModelManager
+from ..models import Pooling, Registry, pool, resolve_pooling
+from ..serving import CacheMode, ExtractionService, ExtractOptions, InputSource, ModelManager
 from ._collection import Collection, RecoveryCancelled
 from ._store import IndexStore
 from ._types import (
@@ -460,7 +460,7 @@ class IndexManager:
             )
 
     async def _embed(
-        self, spec: CollectionSpec, sources: Sequence[ImageSource], cache: CacheMode, what: str
+        self, spec: CollectionSpec, sources: Sequence[InputSource], cache: CacheMode, what: str
     ) -> list[np.ndarray]:
         """Embeds inputs with the collection's exact model version, layer and pooling."""
         try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InvalidInput, LimitExceeded
-from ..models import ImageSource
+from ..models import ImageSource, TextInput
 
 # --- limits ---------------------------------------------------------------------------------
 
@@ -212,13 +212,13 @@ class CollectionInfo:
 class UpsertItem:
     id: str
     vector: np.ndarray | None = None
-    source: ImageSource | None = None
+    source: ImageSource | TextInput | None = None
 
 
 @dataclass(frozen=True)
 class Query:
     vector: np.ndarray | None = None
-    source: ImageSource | None = None
+    source: ImageSource | TextInput | None = None
     id: str | None = None
 
 

@@ -8,7 +8,14 @@ use it. The built-in manifests (TOML, one file per version) ship in `builtin/`.
 from ._decode import LEGACY as LEGACY_DECODE
 from ._decode import RECOMMENDED as RECOMMENDED_DECODE
 from ._decode import DecodeSpec, decode_table
-from ._manifest import ArchitectureSpec, LayerSpec, Manifest, PreprocessSpec, parse_manifest
+from ._manifest import (
+    ArchitectureSpec,
+    LayerSpec,
+    Manifest,
+    PreprocessSpec,
+    TokenizerSpec,
+    parse_manifest,
+)
 from ._postprocess import (
     OUTPUT_DTYPES,
     Pooling,
@@ -35,9 +42,11 @@ from ._registry import (
     parse_fingerprint,
     parse_model_ref,
 )
+from ._text import MAX_TEXT_BYTES, TextInput, TextPreprocessor, Tokenize, check_text
 from ._weights import (
     VerifiedWeights,
     keras_models_dir,
+    package_dir,
     read_verified,
     sha256_file,
     torch_hub_checkpoints,
@@ -45,6 +54,7 @@ from ._weights import (
 
 __all__ = [
     "LEGACY_DECODE",
+    "MAX_TEXT_BYTES",
     "OUTPUT_DTYPES",
     "RECOMMENDED_DECODE",
     "ArchitectureSpec",
@@ -58,16 +68,22 @@ __all__ = [
     "Preprocessor",
     "RawImage",
     "Registry",
+    "TextInput",
+    "TextPreprocessor",
+    "Tokenize",
+    "TokenizerSpec",
     "VerifiedWeights",
     "allowed_poolings",
     "build_registry",
     "check_fingerprint",
+    "check_text",
     "decode",
     "decode_table",
     "exif_orientation",
     "finish",
     "keras_models_dir",
     "output_layout",
+    "package_dir",
     "parse_fingerprint",
     "parse_manifest",
     "parse_model_ref",

@@ -43,13 +43,16 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
-FRAMEWORKS = ("torch", "keras")
-WEIGHT_FORMATS = ("torch_state_dict", "keras_weights")
+FRAMEWORKS = ("torch", "keras", "transformers", "onnxruntime")
+TEXT_FRAMEWORKS = ("transformers", "onnxruntime")
+WEIGHT_FORMATS = ("torch_state_dict", "keras_weights", "safetensors", "onnx")
 RESIZE_MODES = ("crop_resize", "resize_crop", "resize")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 COLOR_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "bfloat16")
+TRUNCATION_SIDES = ("right", "left")
+TEXT_POOLINGS = ("mean", "cls")
 # Keys left out of the fingerprint: they locate or describe, they don't change outputs.
 NON_IDENTITY_KEYS = ("description", "license", "source", "default")
 NON_IDENTITY_WEIGHT_KEYS = ("package", "path")
@@ -98,10 +101,44 @@ class LayerSpec:
     shape: tuple[int, ...]  # per item, without the batch axis
     layout: str  # axis names: "C", "CHW", "HWC", "TC"
     tokens: bool = False
+    # Text token layers: rows past the text's tokens are zero padding, and token_mean averages
+    # the real tokens only ([CLS] and [SEP] included, as the attention mask counts them).
+    masked: bool = False
 
     @property
     def spatial_axes(self) -> tuple[int, ...]:
         return tuple(i for i, axis in enumerate(self.layout) if axis in "HW")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A text model's tokenizer and pooling, completely: the tokenizer files are pinned by hash
+    and loaded from a private copy of exactly those bytes (nothing else in the folder counts)."""
+
+    files: Mapping[str, str]  # file name -> SHA-256, every file the tokenizer reads
+    lowercase: bool
+    max_length: int  # tokens, [CLS] and [SEP] included; longer texts are truncated
+    truncation_side: str
+    pooling: str  # the `pooled` layer: "mean" over the attention mask, or "cls"
+    normalize: bool  # L2 normalisation of `pooled`, as the upstream model applies it
+    package: str = ""  # where the files are found (not identity, like the weights' location)
+    path: str = ""
+
+
+# Stands in for [preprocess] in text manifests (which have [tokenizer] instead): never used to
+# prepare an input, and left out of the fingerprint.
+TEXT_NO_IMAGE = PreprocessSpec(
+    decoder="pillow",
+    color_order="RGB",
+    resize_mode="resize",
+    size=1,
+    interpolation="bilinear",
+    antialias=True,
+    divisor=1.0,
+    mean=(0.0, 0.0, 0.0),
+    std=(1.0, 1.0, 1.0),
+    layout="NCHW",
+)
 
 
 @dataclass(frozen=True)
@@ -137,6 +174,7 @@ class Manifest:
     license: str = ""
     source: str = ""
     default: bool = False
+    tokenizer: TokenizerSpec | None = None  # set for text models (no [preprocess] then)
     text: str = field(default="", compare=False, repr=False)
     origin: str = field(default="", compare=False, repr=False)  # file it came from
 
@@ -147,6 +185,11 @@ class Manifest:
     @property
     def framework(self) -> str:
         return self.architecture.framework
+
+    @property
+    def modality(self) -> str:
+        """What the model's inputs are: "text" or "image"."""
+        return "image" if self.tokenizer is None else "text"
 
     def layer(self, name: str) -> LayerSpec:
         for layer in self.layers:
@@ -162,6 +205,17 @@ class Manifest:
             data.pop(key, None)
         for key in NON_IDENTITY_WEIGHT_KEYS:
             data["weights"].pop(key, None)
+        for layer in data["layers"]:
+            if not layer["masked"]:
+                layer.pop("masked")  # image layers hash as before the field existed
+        if self.tokenizer is None:
+            data.pop("tokenizer")
+        else:
+            data.pop("preprocess")
+            for key in NON_IDENTITY_WEIGHT_KEYS:
+                data["tokenizer"].pop(key, None)
+            data["tokenizer"]["files"] = dict(sorted(self.tokenizer.files.items()))
+            return data | {"schema": SCHEMA_VERSION}
         if self.preprocess.decode == LEGACY:
             # Versions made before the [decode] table existed decoded this way: their
             # fingerprints stay as they were. Any other contract is hashed, field by field.
@@ -286,6 +340,31 @@ def _parse_preprocess(t: _Table) -> PreprocessSpec:
     return spec
 
 
+def _parse_tokenizer(t: _Table) -> TokenizerSpec:
+    files_t = t.table("files")
+    files = {name: str(files_t.get(name, str)).lower() for name in files_t.data}
+    files_t.finish()
+    if not files:
+        raise ManifestError(f"{files_t.where}: pin at least one tokenizer file")
+    for name, digest in files.items():
+        if not SHA256_RE.match(digest) or "/" in name or name in {".", ".."}:
+            raise ManifestError(f"{files_t.where}.{name}: a bare file name = its full SHA-256")
+    spec = TokenizerSpec(
+        files=files,
+        lowercase=t.get("lowercase", bool),
+        max_length=t.get("max_length", int),
+        truncation_side=t.choice("truncation_side", TRUNCATION_SIDES),
+        pooling=t.choice("pooling", TEXT_POOLINGS),
+        normalize=t.get("normalize", bool),
+        package=t.get("package", str, ""),
+        path=t.get("path", str, ""),
+    )
+    t.finish()
+    if not 2 < spec.max_length <= 8192:
+        raise ManifestError(f"{t.where}.max_length: expected 3-8192 tokens, got {spec.max_length}")
+    return spec
+
+
 def _parse_decode(t: _Table) -> DecodeSpec:
     """The [decode] table, every key stated."""
     formats = t.get("formats", list)
@@ -343,7 +422,10 @@ def _parse_layers(raw: Any, image_layout: str) -> tuple[LayerSpec, ...]:
         layout = t.get("layout", str, "") or _default_layout(shape, tokens, image_layout)
         if len(layout) != len(shape) or set(layout) - set("CHWT"):
             raise ManifestError(f"layers[{i}].layout: {layout!r} does not match shape {shape}")
-        layers.append(LayerSpec(name, t.get("node", str), shape, layout, tokens))
+        masked = t.get("masked", bool, False)
+        if masked and not tokens:
+            raise ManifestError(f"layers[{i}].masked: only token layers (tokens = true) are masked")
+        layers.append(LayerSpec(name, t.get("node", str), shape, layout, tokens, masked))
         t.finish()
     return tuple(layers)
 
@@ -395,7 +477,17 @@ def _parse(data: Mapping[str, Any], text: str, origin: str) -> Manifest:
     if "/" in weights.file or "\\" in weights.file or weights.file in {"", ".", ".."}:
         raise ManifestError("weights.file: a bare file name (put folders in `path`)")
 
-    preprocess = _parse_preprocess(top.table("preprocess"))
+    tokenizer = None
+    if arch.framework in TEXT_FRAMEWORKS:
+        if "preprocess" in data or "decode" in data:
+            raise ManifestError(
+                "preprocess: text models ([architecture] framework "
+                f"{arch.framework!r}) state a [tokenizer] table instead of [preprocess]/[decode]"
+            )
+        tokenizer = _parse_tokenizer(top.table("tokenizer"))
+        preprocess = TEXT_NO_IMAGE
+    else:
+        preprocess = _parse_preprocess(top.table("preprocess"))
     if "decode" in data:  # left out: the legacy contract (manifests older than the table)
         preprocess = replace(preprocess, decode=_parse_decode(top.table("decode")))
     layers = _parse_layers(top.get("layers", list), preprocess.layout)
@@ -432,6 +524,7 @@ def _parse(data: Mapping[str, Any], text: str, origin: str) -> Manifest:
         license=top.get("license", str, ""),
         source=top.get("source", str, ""),
         default=top.get("default", bool, False),
+        tokenizer=tokenizer,
         text=text,
         origin=origin,
     )

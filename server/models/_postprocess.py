@@ -2,7 +2,8 @@
 
 AVG and MAX reduce the spatial axes a layer has; on a vector layer (e.g. logits) they change
 nothing, so that one request can pool `features` and read `logits` together. CLS and TOKEN_MEAN
-need a token layer. All arithmetic is float32; the cast to float16 comes last.
+need a token layer; on a text layer (`masked`) TOKEN_MEAN averages the real tokens only. All
+arithmetic is float32; the cast to float16 comes last.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def pool(array: np.ndarray, layer: LayerSpec, pooling: Pooling) -> np.ndarray:
         pooled = array.max(axis=layer.spatial_axes)
     elif pooling is Pooling.CLS:
         pooled = array[0]
+    elif layer.masked:
+        # Text: padding rows are exact zeros (a real token's state never is, after LayerNorm).
+        real = array[np.any(array != 0, axis=1)]
+        pooled = real.mean(axis=0, dtype=np.float32)
     else:
         pooled = array[1:].mean(axis=0, dtype=np.float32)
     return pooled

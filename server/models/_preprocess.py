@@ -26,6 +26,7 @@ from PIL import Image
 from .._errors import InvalidInput
 from ._decode import LEGACY, DecodeSpec, check_pixels, decode_bytes, orientation
 from ._manifest import PreprocessSpec
+from ._text import TextInput
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -172,8 +173,10 @@ class Preprocessor:
         resized = self.geometry(image)
         return self.to_tensor(np.asarray(resized, dtype=np.uint8))
 
-    def prepare(self, source: ImageSource, max_pixels: int) -> np.ndarray:
+    def prepare(self, source: ImageSource | TextInput, max_pixels: int) -> np.ndarray:
         """Decode and preprocess one input."""
+        if isinstance(source, TextInput):
+            raise InvalidInput("this is an image model: send `encoded` or `raw` images, not text")
         return self(decode(source, max_pixels, self.spec.decode))
 
 

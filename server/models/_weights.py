@@ -46,7 +46,7 @@ def keras_models_dir() -> Path:
     return Path(keras_home) / "models"
 
 
-def _package_dir(package: str) -> Path | None:
+def package_dir(package: str) -> Path | None:
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -71,7 +71,7 @@ def candidate_paths(manifest: Manifest, weights_dirs: Iterable[Path] = ()) -> li
         out.append(explicit if explicit.suffix else explicit / spec.file)
     out.extend(Path(d) / spec.file for d in weights_dirs)
     if spec.package:
-        pkg = _package_dir(spec.package)
+        pkg = package_dir(spec.package)
         if pkg is not None:
             out.extend(sorted(pkg.rglob(spec.file)))
     out.append(torch_hub_checkpoints() / spec.file)

@@ -14,15 +14,22 @@ from .._errors import InvalidInput
 from ..cache import CacheStats
 from ..consistency import ParityReport, Report
 from ..models import (
-    ImageSource,
     Manifest,
     Pooling,
     RawImage,
     Registry,
+    TextInput,
     allowed_poolings,
     parse_fingerprint,
 )
-from ..serving import CacheMode, ExtractOptions, ExtractResult, ModelIdentity, ModelState
+from ..serving import (
+    CacheMode,
+    ExtractOptions,
+    ExtractResult,
+    InputSource,
+    ModelIdentity,
+    ModelState,
+)
 from ._wire import encode_items
 
 E = TypeVar("E")
@@ -81,8 +88,10 @@ def model_ref(
     return manifest.name, manifest.version
 
 
-def image_source(message: types_pb2.Input, index: int) -> ImageSource:
+def image_source(message: types_pb2.Input, index: int) -> InputSource:
     kind = message.WhichOneof("source")
+    if kind == "text":
+        return TextInput(message.text)
     if kind == "encoded":
         return message.encoded
     if kind == "raw":
@@ -92,10 +101,12 @@ def image_source(message: types_pb2.Input, index: int) -> ImageSource:
             tuple(int(d) for d in raw.shape),
             DTYPE_NAMES.get(raw.dtype, f"dtype#{raw.dtype}"),
         )
-    raise InvalidInput(f"inputs[{index}]: set either `encoded` bytes or a `raw` array")
+    raise InvalidInput(
+        f"inputs[{index}]: set either `encoded` bytes or a `raw` array (`text` for text models)"
+    )
 
 
-def image_sources(messages: Sequence[types_pb2.Input]) -> list[ImageSource]:
+def image_sources(messages: Sequence[types_pb2.Input]) -> list[InputSource]:
     return [image_source(m, i) for i, m in enumerate(messages)]
 
 
@@ -162,7 +173,8 @@ def describe_model(
     manifest: Manifest, summary: embedding_pb2.ModelSummary, device: str
 ) -> embedding_pb2.DescribeModelResponse:
     p = manifest.preprocess
-    return embedding_pb2.DescribeModelResponse(
+    t = manifest.tokenizer
+    response = embedding_pb2.DescribeModelResponse(
         summary=summary,
         layers=[
             embedding_pb2.LayerInfo(
@@ -208,6 +220,19 @@ def describe_model(
         manifest=manifest.text,
         device=device,
     )
+    if t is not None:  # a text model: its tokenizer instead of image preprocessing
+        response.ClearField("preprocessing")
+        response.tokenization.CopyFrom(
+            embedding_pb2.Tokenization(
+                lowercase=t.lowercase,
+                max_length=t.max_length,
+                truncation_side=t.truncation_side,
+                pooling=t.pooling,
+                normalize=t.normalize,
+                files=dict(t.files),
+            )
+        )
+    return response
 
 
 def cache_stats(stats: CacheStats, registry: Registry) -> admin_pb2.GetCacheStatsResponse:
@@ -248,6 +273,8 @@ def parity_response(report: ParityReport) -> admin_pb2.CompareModelsResponse:
                 min_cosine=p.min_cosine,
                 mean_cosine=p.mean_cosine,
                 top1_agreement=p.top1_agreement,
+                retrieval_overlap=p.retrieval_overlap,
+                retrieval_min_overlap=p.retrieval_min_overlap,
             )
             for p in report.layers
         ],

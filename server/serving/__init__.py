@@ -14,6 +14,7 @@ from ._extraction import (
     ExtractionService,
     ExtractOptions,
     ExtractResult,
+    InputSource,
     input_digest,
 )
 from ._manager import LoadedModel, ModelIdentity, ModelManager, ModelState, model_folder
@@ -26,6 +27,7 @@ __all__ = [
     "ExtractOptions",
     "ExtractResult",
     "ExtractionService",
+    "InputSource",
     "ItemOutput",
     "LoadedModel",
     "ModelIdentity",

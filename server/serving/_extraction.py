@@ -27,6 +27,7 @@ from ..models import (
     LayerSpec,
     Pooling,
     RawImage,
+    TextInput,
     finish,
     output_layout,
     resolve_pooling,
@@ -35,6 +36,7 @@ from ._batching import ItemOutput
 from ._manager import LoadedModel, ModelIdentity, ModelManager
 
 T = TypeVar("T")
+InputSource = ImageSource | TextInput
 
 # Requests up to this many input bytes are hashed on the event loop (~1.5 GB/s: ≤ 6 ms). On
 # the pool, each worker needs the GIL back between inputs and waits for the busy loop thread
@@ -123,7 +125,7 @@ class EmbeddingCache(Protocol):
 class CacheHit:
     """A served cache hit, handed to the audit hook (which recomputes a sample off-path)."""
 
-    source: ImageSource
+    source: InputSource
     layer: PlannedLayer
     options: ExtractOptions
     array: np.ndarray
@@ -141,8 +143,11 @@ class CacheAuditor(Protocol):
     def audit(self, model: LoadedModel, hits: list[CacheHit]) -> None: ...
 
 
-def input_digest(source: ImageSource) -> bytes:
-    """SHA-256 of the input exactly as sent (raw arrays include their shape and dtype)."""
+def input_digest(source: InputSource) -> bytes:
+    """SHA-256 of the input exactly as sent (raw arrays include their shape and dtype, texts a
+    prefix that no encoded image starts with)."""
+    if isinstance(source, TextInput):
+        return hashlib.sha256(b"embedwarden-text:" + source.data).digest()
     if isinstance(source, RawImage):
         digest = hashlib.sha256(f"raw:{source.dtype}:{list(source.shape)}:".encode())
         digest.update(source.data)
@@ -150,7 +155,7 @@ def input_digest(source: ImageSource) -> bytes:
     return hashlib.sha256(source).digest()
 
 
-def _digest_all(sources: Sequence[ImageSource]) -> list[bytes]:
+def _digest_all(sources: Sequence[InputSource]) -> list[bytes]:
     return [input_digest(s) for s in sources]
 
 
@@ -182,9 +187,9 @@ class ExtractionService:
         self.cache = cache  # None: the server runs without a cache
         self.auditor = auditor
 
-    def validate(self, sources: Sequence[ImageSource], options: ExtractOptions) -> None:
+    def validate(self, sources: Sequence[InputSource], options: ExtractOptions) -> None:
         if not sources:
-            raise InvalidInput("no inputs: send at least one image")
+            raise InvalidInput("no inputs: send at least one image or text")
         limit = self.settings.max_inputs_per_request
         if len(sources) > limit:
             raise LimitExceeded(
@@ -195,11 +200,12 @@ class ExtractionService:
             raise InvalidInput(f"dtype {options.dtype!r}: expected float32 or float16")
 
     async def extract(
-        self, name: str, version: str, sources: Sequence[ImageSource], options: ExtractOptions
+        self, name: str, version: str, sources: Sequence[InputSource], options: ExtractOptions
     ) -> ExtractResult:
         started = time.perf_counter()
         self.validate(sources, options)
         model = self.models.get(name, version)
+        check_modality(model, sources)
         with model.use():
             result = await self._extract(model, sources, options)
         result.timings.total = time.perf_counter() - started
@@ -208,7 +214,7 @@ class ExtractionService:
         return result
 
     async def _extract(
-        self, model: LoadedModel, sources: Sequence[ImageSource], options: ExtractOptions
+        self, model: LoadedModel, sources: Sequence[InputSource], options: ExtractOptions
     ) -> ExtractResult:
         plan = plan_layers(model, options)
         identity = model.identity
@@ -280,7 +286,7 @@ class ExtractionService:
     def _audit(
         self,
         model: LoadedModel,
-        sources: Sequence[ImageSource],
+        sources: Sequence[InputSource],
         plan: list[PlannedLayer],
         options: ExtractOptions,
         keys: list[bytes],
@@ -297,8 +303,8 @@ class ExtractionService:
         if hits:
             self.auditor.audit(model, hits)
 
-    async def _digests(self, sources: Sequence[ImageSource]) -> list[bytes]:
-        total = sum(len(s.data) if isinstance(s, RawImage) else len(s) for s in sources)
+    async def _digests(self, sources: Sequence[InputSource]) -> list[bytes]:
+        total = sum(len(s) if isinstance(s, bytes) else len(s.data) for s in sources)
         if total <= INLINE_HASH_BYTES:
             return _digest_all(sources)
         # hashlib releases the GIL: a large request hashes in chunks, in parallel on the pool,
@@ -316,7 +322,7 @@ class ExtractionService:
     async def _compute_all(
         self,
         model: LoadedModel,
-        sources: Sequence[ImageSource],
+        sources: Sequence[InputSource],
         todo: list[int],
         layers: list[str],
         background: bool,
@@ -339,7 +345,7 @@ class ExtractionService:
         self,
         model: LoadedModel,
         index: int,
-        source: ImageSource,
+        source: InputSource,
         layers: list[str],
         background: bool = False,
     ) -> tuple[ItemOutput, float]:
@@ -357,6 +363,18 @@ class ExtractionService:
         tensor, prep_seconds = await loop.run_in_executor(self.executor, prepare)
         output = await asyncio.wrap_future(model.batcher.submit(tensor, layers, background))
         return output, prep_seconds
+
+
+def check_modality(model: LoadedModel, sources: Sequence[InputSource]) -> None:
+    """A text model refuses images and an image model texts, before any work is done."""
+    text = model.manifest.modality == "text"
+    for i, source in enumerate(sources):
+        if isinstance(source, TextInput) != text:
+            want, got = ("text", "an image") if text else ("image", "a text")
+            raise InvalidInput(
+                f"inputs[{i}] is {got}; {model.identity.ref} is a{'' if text else 'n'} {want} "
+                f"model: send {'`text`' if text else '`encoded` or `raw` images'}"
+            )
 
 
 async def _gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:

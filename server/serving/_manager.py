@@ -34,6 +34,7 @@ from ..models import (
     Manifest,
     Preprocessor,
     Registry,
+    TextPreprocessor,
     VerifiedWeights,
     check_fingerprint,
     parse_fingerprint,
@@ -90,7 +91,7 @@ class LoadedModel:
     manifest: Manifest
     identity: ModelIdentity
     backbone: Backbone
-    preprocessor: Preprocessor
+    preprocessor: Preprocessor | TextPreprocessor
     weights: VerifiedWeights
     device: str
     batcher: DynamicBatcher = field(init=False)
@@ -243,7 +244,7 @@ class ModelManager:
             manifest=manifest,
             identity=ModelIdentity.of(manifest),
             backbone=backbone,
-            preprocessor=Preprocessor(manifest.preprocess),
+            preprocessor=_preprocessor(backbone, manifest),
             weights=verified,
             device=self.device,
             after_batch=self.after_batch,
@@ -278,10 +279,13 @@ class ModelManager:
     def _warm_up(self, model: LoadedModel) -> None:
         """One pass over every catalogued layer; shapes must match the catalogue exactly."""
         manifest = model.manifest
-        size = manifest.preprocess.size
-        rng = np.random.default_rng(0)
-        pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-        tensor = model.preprocessor.to_tensor(pixels)
+        if isinstance(model.preprocessor, TextPreprocessor):
+            tensor = model.preprocessor.tokens(["Warm-up: one short sentence."])[0]
+        else:
+            size = manifest.preprocess.size
+            rng = np.random.default_rng(0)
+            pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+            tensor = model.preprocessor.to_tensor(pixels)
         outputs = model.backbone.infer(tensor[None], [layer.name for layer in manifest.layers])
         for layer in manifest.layers:
             got = tuple(outputs[layer.name].shape[1:])
@@ -331,6 +335,12 @@ class ModelManager:
                 listener(event, model)
             except Exception:
                 log.exception("model listener failed on %s", event)
+
+
+def _preprocessor(backbone: Backbone, manifest: Manifest) -> Preprocessor | TextPreprocessor:
+    """Text backbones bring their verified tokenizer; images follow [preprocess]."""
+    text = getattr(backbone, "preprocessor", None)
+    return text if isinstance(text, TextPreprocessor) else Preprocessor(manifest.preprocess)
 
 
 def model_folder(root: Path, identity: ModelIdentity) -> Path:

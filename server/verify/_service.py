@@ -25,8 +25,15 @@ from .._errors import InvalidInput, NotFound
 from .._metrics import METRICS
 from .._settings import Settings
 from ..consistency import Tolerance
-from ..models import ImageSource, LayerSpec, Pooling, finish, resolve_pooling
-from ..serving import CacheMode, ExtractionService, ExtractOptions, LoadedModel, ModelIdentity
+from ..models import ImageSource, LayerSpec, Pooling, TextInput, finish, resolve_pooling
+from ..serving import (
+    CacheMode,
+    ExtractionService,
+    ExtractOptions,
+    InputSource,
+    LoadedModel,
+    ModelIdentity,
+)
 from . import _catalogue as catalogue
 from ._compare import ItemComparison, Verdict, compare_item, cosine, worst
 
@@ -153,10 +160,16 @@ class VerificationService:
         self,
         name: str,
         version: str,
-        sources: Sequence[ImageSource],
+        inputs: Sequence[InputSource],
         vectors: Sequence[np.ndarray],
         options: VerifyOptions,
     ) -> VerifyResult:
+        sources = [s for s in inputs if not isinstance(s, TextInput)]
+        if len(sources) != len(inputs):
+            raise InvalidInput(
+                "Verify judges image pipelines (its catalogue of mistakes is about decoding and "
+                "preprocessing images); text inputs are not supported"
+            )
         pipeline = self.pipelines.label(options.pipeline)
         if len(vectors) != len(sources):
             raise InvalidInput(

@@ -375,12 +375,19 @@ class LayerParity(_message.Message):
     MIN_COSINE_FIELD_NUMBER: _builtins.int
     MEAN_COSINE_FIELD_NUMBER: _builtins.int
     TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_OVERLAP_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_MIN_OVERLAP_FIELD_NUMBER: _builtins.int
     layer: _builtins.str
     max_abs_diff: _builtins.float
     min_cosine: _builtins.float
     mean_cosine: _builtins.float
     top1_agreement: _builtins.float
     """Fraction of inputs whose argmax agrees (class layers only, else -1)."""
+    retrieval_overlap: _builtins.float
+    """Text models' vector layers: each input queries a fixed corpus in both models; the mean and
+    the least overlap of the two top-10 neighbour sets (else -1).
+    """
+    retrieval_min_overlap: _builtins.float
     def __init__(
         self,
         *,
@@ -389,10 +396,12 @@ class LayerParity(_message.Message):
         min_cosine: _builtins.float = ...,
         mean_cosine: _builtins.float = ...,
         top1_agreement: _builtins.float = ...,
+        retrieval_overlap: _builtins.float = ...,
+        retrieval_min_overlap: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "max_abs_diff", b"max_abs_diff", "mean_cosine", b"mean_cosine", "min_cosine", b"min_cosine", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "max_abs_diff", b"max_abs_diff", "mean_cosine", b"mean_cosine", "min_cosine", b"min_cosine", "retrieval_min_overlap", b"retrieval_min_overlap", "retrieval_overlap", b"retrieval_overlap", "top1_agreement", b"top1_agreement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

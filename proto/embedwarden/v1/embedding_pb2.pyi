@@ -591,6 +591,7 @@ class DescribeModelResponse(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    TOKENIZATION_FIELD_NUMBER: _builtins.int
     dtype: _builtins.str
     deterministic: _builtins.bool
     weights_file: _builtins.str
@@ -606,6 +607,10 @@ class DescribeModelResponse(_message.Message):
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerInfo]: ...
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing: ...
+    @_builtins.property
+    def tokenization(self) -> Global___Tokenization:
+        """Text models: their tokenizer and pooling (`preprocessing` is then unset)."""
+
     def __init__(
         self,
         *,
@@ -620,14 +625,74 @@ class DescribeModelResponse(_message.Message):
         description: _builtins.str = ...,
         manifest: _builtins.str = ...,
         device: _builtins.str = ...,
+        tokenization: Global___Tokenization | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing", "summary", b"summary", "tokenization", b"tokenization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "deterministic", b"deterministic", "device", b"device", "dtype", b"dtype", "layers", b"layers", "license", b"license", "manifest", b"manifest", "preprocessing", b"preprocessing", "source", b"source", "summary", b"summary", "weights_file", b"weights_file"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "deterministic", b"deterministic", "device", b"device", "dtype", b"dtype", "layers", b"layers", "license", b"license", "manifest", b"manifest", "preprocessing", b"preprocessing", "source", b"source", "summary", b"summary", "tokenization", b"tokenization", "weights_file", b"weights_file"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeModelResponse: _TypeAlias = DescribeModelResponse  # noqa: Y015
+
+@_typing.final
+class Tokenization(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FilesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    LOWERCASE_FIELD_NUMBER: _builtins.int
+    MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    TRUNCATION_SIDE_FIELD_NUMBER: _builtins.int
+    POOLING_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    lowercase: _builtins.bool
+    max_length: _builtins.int
+    """tokens, [CLS] and [SEP] included; longer texts are truncated"""
+    truncation_side: _builtins.str
+    pooling: _builtins.str
+    """of the pooled layer: "mean" over the attention mask, or "cls" """
+    normalize: _builtins.bool
+    @_builtins.property
+    def files(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """tokenizer file name -> pinned SHA-256"""
+
+    def __init__(
+        self,
+        *,
+        lowercase: _builtins.bool = ...,
+        max_length: _builtins.int = ...,
+        truncation_side: _builtins.str = ...,
+        pooling: _builtins.str = ...,
+        normalize: _builtins.bool = ...,
+        files: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "lowercase", b"lowercase", "max_length", b"max_length", "normalize", b"normalize", "pooling", b"pooling", "truncation_side", b"truncation_side"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tokenization: _TypeAlias = Tokenization  # noqa: Y015
 
 @_typing.final
 class PingRequest(_message.Message):

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbedwarden/v1/types.proto\x12\x0e\x65mbedwarden.v1\"K\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.embedwarden.v1.DType\">\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"[\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\"K\n\x05Input\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.embedwarden.v1.TensorH\x00\x42\x08\n\x06source*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x03*\x7f\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x0f\n\x0bPOOLING_AVG\x10\x02\x12\x0f\n\x0bPOOLING_MAX\x10\x03\x12\x0f\n\x0bPOOLING_CLS\x10\x04\x12\x16\n\x12POOLING_TOKEN_MEAN\x10\x05*f\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rCACHE_MODE_ON\x10\x01\x12\x12\n\x0e\x43\x41\x43HE_MODE_OFF\x10\x02\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbedwarden/v1/types.proto\x12\x0e\x65mbedwarden.v1\"K\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.embedwarden.v1.DType\">\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"[\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\"[\n\x05Input\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.embedwarden.v1.TensorH\x00\x12\x0e\n\x04text\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06source*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x03*\x7f\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x0f\n\x0bPOOLING_AVG\x10\x02\x12\x0f\n\x0bPOOLING_MAX\x10\x03\x12\x0f\n\x0bPOOLING_CLS\x10\x04\x12\x16\n\x12POOLING_TOKEN_MEAN\x10\x05*f\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rCACHE_MODE_ON\x10\x01\x12\x12\n\x0e\x43\x41\x43HE_MODE_OFF\x10\x02\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedwarden.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=357
-  _globals['_DTYPE']._serialized_end=442
-  _globals['_POOLING']._serialized_start=444
-  _globals['_POOLING']._serialized_end=571
-  _globals['_CACHEMODE']._serialized_start=573
-  _globals['_CACHEMODE']._serialized_end=675
+  _globals['_DTYPE']._serialized_start=373
+  _globals['_DTYPE']._serialized_end=458
+  _globals['_POOLING']._serialized_start=460
+  _globals['_POOLING']._serialized_end=587
+  _globals['_CACHEMODE']._serialized_start=589
+  _globals['_CACHEMODE']._serialized_end=691
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=121
   _globals['_MODELREF']._serialized_start=123
@@ -44,5 +44,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELIDENTITY']._serialized_start=187
   _globals['_MODELIDENTITY']._serialized_end=278
   _globals['_INPUT']._serialized_start=280
-  _globals['_INPUT']._serialized_end=355
+  _globals['_INPUT']._serialized_end=371
 # @@protoc_insertion_point(module_scope)

@@ -196,13 +196,18 @@ Global___ModelIdentity: _TypeAlias = ModelIdentity  # noqa: Y015
 
 @_typing.final
 class Input(_message.Message):
-    """One image: encoded bytes (JPEG, PNG, WebP, BMP, TIFF) or a raw uint8 H x W x 3 RGB array."""
+    """One image: encoded bytes (JPEG, PNG, WebP, BMP, TIFF) or a raw uint8 H x W x 3 RGB array;
+    or one text for text models: UTF-8 bytes (invalid UTF-8 is INVALID_ARGUMENT, as is a text
+    over 64 KiB). Text models refuse images and image models refuse texts.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ENCODED_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     encoded: _builtins.bytes
+    text: _builtins.bytes
     @_builtins.property
     def raw(self) -> Global___Tensor: ...
     def __init__(
@@ -210,12 +215,13 @@ class Input(_message.Message):
         *,
         encoded: _builtins.bytes = ...,
         raw: Global___Tensor | None = ...,
+        text: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "raw", b"raw", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "raw", b"raw", "source", b"source", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "raw", b"raw", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "raw", b"raw", "source", b"source", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["encoded", "raw"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["encoded", "raw", "text"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
