@@ -137,6 +137,9 @@ def test_a_full_disk_degrades_cleanly_and_loses_nothing_acknowledged(disk: Path)
             for _ in range(4):
                 extract(client)
             settle(client)
+            # ... the cache's bound fell with the free space, and its file did not grow.
+            assert client.cache_stats().max_bytes < stats.max_bytes
+            assert (disk / "cache" / "data.mdb").stat().st_blocks * 512 <= sizes[-1]
             some = sorted(acked)[:5]
             assert [h[0].id for h in client.search("photos", ids=some, k=1)] == some
             time.sleep(3)  # three maintenance ticks with a snapshot due and no room for it
