@@ -115,6 +115,11 @@ def test_a_full_disk_degrades_cleanly_and_loses_nothing_acknowledged(disk: Path)
             assert sizes[-1] == sizes[-5] and sizes[-1] > sizes[0], sizes  # stopped growing
             stats = client.cache_stats()
             assert stats.evictions > 0 and stats.max_bytes < DISK
+            print(
+                f"\ncache file {sizes[-1]:,} bytes (bound {stats.max_bytes:,}, live "
+                f"{stats.used_bytes:,}, {stats.entries} entries, {stats.evictions} evicted), "
+                f"{free(disk):,} bytes free of {DISK:,} (reserve {RESERVE:,})"
+            )
 
             # 2. The disk fills from another cause: index writes are refused cleanly.
             fill(disk / "filler", 1_500_000)
