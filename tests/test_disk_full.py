@@ -238,3 +238,24 @@ def test_a_read_only_data_dir_is_a_clear_error_at_start(disk: Path) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"the data directory {disk} is not writable (Read-only file system)" in done.stderr
+
+
+def test_a_golden_record_on_a_full_disk_is_resource_exhausted_until_space_is_freed(
+    disk: Path,
+) -> None:
+    server = ServerProcess(disk, "--models", "").start()  # nothing loaded, nothing recorded
+    try:
+        fill(disk / "filler", 0)
+        with Client(server.address, timeout=300, retries=0) as client:
+            with pytest.raises(ResourceExhausted) as refused:
+                client.load_model(MODEL)  # its first load writes the golden record (~8 MB)
+            assert str(disk) in refused.value.details and "bytes free" in refused.value.details
+            assert "golden" in refused.value.details
+            assert not list((disk / "golden").glob(f"{MODEL}@1-*"))  # nothing half-written
+            assert not list((disk / "golden").glob(".tmp-*"))
+            (disk / "filler").unlink()
+            client.load_model(MODEL)  # the same server, once there is room
+            assert client.health(f"model:{MODEL}@1") == "SERVING"
+    finally:
+        server.kill()
+    assert "Traceback" not in server.log.read_text()
