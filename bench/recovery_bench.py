@@ -45,6 +45,16 @@ def back_after(client: Client, name: str, timeout: float = 1800.0) -> tuple[floa
     raise TimeoutError(f"{name} not back after {timeout}s: {last}")
 
 
+def wait_snapshot(index_dir: Path, timeout: float = 1800.0) -> float:
+    """Seconds until the snapshot written after recovery is complete (its JSON exists)."""
+    started = time.perf_counter()
+    while not list(index_dir.glob("*/snapshot-*.json")):
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"no snapshot in {index_dir} after {timeout}s")
+        time.sleep(0.2)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100_000)
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     "collection_back_after_serving_s": seconds,
                     "size": size,
                     "last_unavailable": message,
+                    # a kill before the snapshot after recovery is complete would replay again
+                    "snapshot_complete_after_back_s": wait_snapshot(data / "index"),
                 }
             finally:
                 server.kill()

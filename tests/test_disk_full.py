@@ -115,6 +115,11 @@ def test_a_full_disk_degrades_cleanly_and_loses_nothing_acknowledged(disk: Path)
             assert sizes[-1] == sizes[-5] and sizes[-1] > sizes[0], sizes  # stopped growing
             stats = client.cache_stats()
             assert stats.evictions > 0 and stats.max_bytes < DISK
+            print(
+                f"\ncache file {sizes[-1]:,} bytes (bound {stats.max_bytes:,}, live "
+                f"{stats.used_bytes:,}, {stats.entries} entries, {stats.evictions} evicted), "
+                f"{free(disk):,} bytes free of {DISK:,} (reserve {RESERVE:,})"
+            )
 
             # 2. The disk fills from another cause: index writes are refused cleanly.
             fill(disk / "filler", 1_500_000)
@@ -137,6 +142,9 @@ def test_a_full_disk_degrades_cleanly_and_loses_nothing_acknowledged(disk: Path)
             for _ in range(4):
                 extract(client)
             settle(client)
+            # ... the cache's bound fell with the free space, and its file did not grow.
+            assert client.cache_stats().max_bytes < stats.max_bytes
+            assert (disk / "cache" / "data.mdb").stat().st_blocks * 512 <= sizes[-1]
             some = sorted(acked)[:5]
             assert [h[0].id for h in client.search("photos", ids=some, k=1)] == some
             time.sleep(3)  # three maintenance ticks with a snapshot due and no room for it
@@ -230,3 +238,24 @@ def test_a_read_only_data_dir_is_a_clear_error_at_start(disk: Path) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"the data directory {disk} is not writable (Read-only file system)" in done.stderr
+
+
+def test_a_golden_record_on_a_full_disk_is_resource_exhausted_until_space_is_freed(
+    disk: Path,
+) -> None:
+    server = ServerProcess(disk, "--models", "").start()  # nothing loaded, nothing recorded
+    try:
+        fill(disk / "filler", 0)
+        with Client(server.address, timeout=300, retries=0) as client:
+            with pytest.raises(ResourceExhausted) as refused:
+                client.load_model(MODEL)  # its first load writes the golden record (~8 MB)
+            assert str(disk) in refused.value.details and "bytes free" in refused.value.details
+            assert "golden" in refused.value.details
+            assert not list((disk / "golden").glob(f"{MODEL}@1-*"))  # nothing half-written
+            assert not list((disk / "golden").glob(".tmp-*"))
+            (disk / "filler").unlink()
+            client.load_model(MODEL)  # the same server, once there is room
+            assert client.health(f"model:{MODEL}@1") == "SERVING"
+    finally:
+        server.kill()
+    assert "Traceback" not in server.log.read_text()

@@ -452,12 +452,15 @@ class CacheDB:
         with self._txn(write=True) as txn:
             cursor = txn.cursor(self._order)
             removed: Counter[bytes] = Counter()
-            while self._live_bytes(txn) > target_bytes and cursor.first():
+            while (excess := self._live_bytes(txn) - target_bytes) > 0 and cursor.first():
+                freed = 0  # a chunk stops early at large entries (maps of 1.6 MB each)
                 for _ in range(EVICT_CHUNK):
                     record = cursor.key()
-                    if not record:
+                    if not record or freed >= excess:
                         break
                     key = record[4:]
+                    value = txn.get(key, None, self._entries)
+                    freed += _footprint(len(value)) if value is not None else 0
                     txn.delete(key, db=self._entries)
                     txn.delete(key, db=self._recency)
                     cursor.delete()

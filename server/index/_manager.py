@@ -293,8 +293,8 @@ class IndexManager:
         with self._lock:
             existing = self._collections.get(name)
             if existing is not None:
-                if existing.spec.same_definition(spec):
-                    return existing.info()  # idempotent: same name, same definition
+                if existing.spec.same_definition(spec):  # idempotent (once it is recovered)
+                    return existing.info(check=True)
                 raise AlreadyExists(
                     f"collection {name!r} exists with another definition "
                     f"({_describe(existing.spec)}); drop it first or choose another name"
@@ -323,7 +323,7 @@ class IndexManager:
                 self._collections.setdefault(name, restored)
             raise
         self._rebuilding.pop(collection.spec.uid, None)
-        for gauge in (METRICS.index_vectors, METRICS.index_bytes):
+        for gauge in (METRICS.index_vectors, METRICS.index_bytes, METRICS.index_recovering):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
         log.info("dropped collection %s", name)
