@@ -221,7 +221,6 @@ def test_prometheus_scrapes_restart_and_coload_checks_of_the_default_model(
             "embedwarden-service",
             "embedwarden-storage",
             "embedwarden-verify",
-            "embedwarden-storage",
         }
         assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
     finally:
