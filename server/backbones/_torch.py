@@ -37,6 +37,19 @@ from ._efficientnet_lite import MBConvBlock, efficientnet_lite0  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+
+def module_checksum(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, bytes): the in-memory weights."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
+
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _OUT_OF_PLACE_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     operator.iadd: operator.add,
@@ -230,14 +243,7 @@ class TorchBackbone:
             }
 
     def state_checksum(self) -> str:
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
-                digest.update(name.encode())
-                digest.update(str(tensor.dtype).encode())
-                raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                digest.update(raw.numpy().tobytes())
-        return digest.hexdigest()
+        return module_checksum(self.model)
 
     def training_modules(self) -> list[str]:
         names = _training_submodules(self.model)

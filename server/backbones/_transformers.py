@@ -9,7 +9,6 @@ manifest's pooling over the last one.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ from .._errors import ManifestError
 from .._frameworks import import_torch
 from ..models import Manifest
 from ._text_common import load_tokenizer, run_per_text, set_offline
+from ._torch import module_checksum
 
 torch = import_torch()
 
@@ -105,14 +105,7 @@ class TransformersBackbone:
             return run_per_text(batch, self._forward, wanted, pooled, self.spec, self.width)
 
     def state_checksum(self) -> str:
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers()):
-                digest.update(name.encode())
-                digest.update(str(tensor.dtype).encode())
-                raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                digest.update(raw.numpy().tobytes())
-        return digest.hexdigest()
+        return module_checksum(self.model)
 
     def training_modules(self) -> list[str]:
         return [name or "<root>" for name, m in self.model.named_modules() if m.training]
