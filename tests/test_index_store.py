@@ -129,6 +129,24 @@ def test_interrupted_snapshots_are_ignored_and_cleaned(tmp_path):
     store.close()
 
 
+def test_a_kill_between_snapshot_and_trim_leaves_no_covered_entries(tmp_path, monkeypatch):
+    path = tmp_path / "index"
+    store = IndexStore(path)
+    spec = make_spec(IndexKind.FLAT)
+    collection = Collection.create(spec, store)
+    data = clustered(30, 32, seed=13)
+    collection.upsert(ids_of(30), data)
+    collection.remove(["v0"])
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "trim", lambda uid, upto: 0)  # killed right after the commit
+        assert collection.snapshot()
+    assert [e.seq for e in store.entries_after(spec.uid, 0)] == [1, 2]
+    store, recovered = reopen(path, spec, store)
+    assert recovered.snapshot_seq == 2 and recovered.info().size == 29
+    assert list(store.entries_after(spec.uid, 0)) == []  # trimmed at recovery
+    store.close()
+
+
 def test_a_corrupt_log_makes_one_collection_unavailable_not_the_server(tmp_path):
     settings = Settings(data_dir=tmp_path, index_snapshot_interval_s=0)
     registry = build_registry()

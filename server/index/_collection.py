@@ -164,6 +164,8 @@ class Collection:
             collection.label_of = {v: k for k, v in collection.id_of.items()}
             collection.next_label = int(meta["next_label"])
             collection.seq = collection.visible_seq = collection.snapshot_seq = snapshot.seq
+            # A kill between a snapshot's commit and its trim leaves covered entries behind.
+            store.trim(spec.uid, snapshot.seq)
             if engine.live != len(collection.id_of):
                 raise CorruptLog(
                     f"snapshot {snapshot.seq}: index holds {engine.live} live vectors but "
