@@ -133,7 +133,7 @@ class RemoveResult(NamedTuple):
     log_sequence: int
 
 
-def _rows(vectors: np.ndarray | Sequence[np.ndarray]) -> list[types_pb2.Tensor]:
+def _matrix(vectors: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     array = np.asarray(vectors)
     if array.ndim == 1:
         array = array[None]
@@ -141,6 +141,16 @@ def _rows(vectors: np.ndarray | Sequence[np.ndarray]) -> list[types_pb2.Tensor]:
         raise ValueError(f"vectors must be [n, dim] (or one [dim] vector), got {array.shape}")
     if array.dtype not in (np.float32, np.float16):
         array = array.astype(np.float32)
+    return array
+
+
+def _batch(vectors: np.ndarray | Sequence[np.ndarray]) -> types_pb2.Tensor:
+    """The [n, dim] tensor of a Search's batch form: one buffer, not a message per query."""
+    return to_tensor(_matrix(vectors))
+
+
+def _rows(vectors: np.ndarray | Sequence[np.ndarray]) -> list[types_pb2.Tensor]:
+    array = _matrix(vectors)
     if array.dtype == np.dtype("<f4"):  # the common case, without to_tensor's per-row checks
         array = np.ascontiguousarray(array)
         shape = [array.shape[1]]
@@ -259,8 +269,10 @@ class IndexAPI(ClientBase):
         given = [q is not None for q in (vectors, images, ids)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of vectors, images or ids")
+        batch = None
+        queries: list[index_pb2.Query] = []
         if vectors is not None:
-            queries = [index_pb2.Query(vector=t) for t in _rows(vectors)]
+            batch = _batch(vectors)
         elif images is not None:
             queries = [index_pb2.Query(input=image_input(i)) for i in images]
         else:
@@ -268,15 +280,20 @@ class IndexAPI(ClientBase):
         request = index_pb2.SearchRequest(
             collection=collection,
             queries=queries,
+            vectors=batch,
             k=k,
             fingerprint=fingerprint,
             hnsw_ef_search=ef_search,
             ivf_nprobe=nprobe,
+            columnar=True,
         )
         response = self._call(self._index.Search, request, timeout)
         return SearchResults(
             ModelIdentity.from_proto(response.model),
-            [[Hit(h.id, h.score) for h in r.hits] for r in response.results],
+            [
+                list(map(Hit, r.ids, r.scores)) if r.ids else [Hit(h.id, h.score) for h in r.hits]
+                for r in response.results
+            ],
         )
 
 

@@ -4,6 +4,7 @@ binding (fingerprints, loaded versions), limits and error codes, health and refl
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -274,6 +275,58 @@ def test_ids_queries_and_k_are_bounded(bare):
     hits = bare.search("limits", one, fingerprint=fp, k=0)  # 0: the default of 10
     assert [h.id for h in hits[0]] == ["a"]
     bare.delete_collection("limits")
+
+
+def test_batch_and_columnar_forms_answer_as_the_per_query_form(bare, bare_server):
+    from embedwarden.client.tensor import to_tensor
+    from embedwarden.v1 import index_pb2, index_pb2_grpc, types_pb2
+
+    info = bare.create_collection("forms", MODEL, kind="hnsw")
+    fp = info.fingerprint
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((300, 1280)).astype(np.float32)
+    bare.upsert("forms", [f"v{i}" for i in range(300)], data, fingerprint=fp)
+    queries = data[:7] + 0.1 * rng.standard_normal((7, 1280)).astype(np.float32)
+    per_query = [index_pb2.Query(vector=to_tensor(q)) for q in queries]
+    with grpc.insecure_channel(bare_server.address) as channel:
+        stub = index_pb2_grpc.IndexServiceStub(channel)
+
+        def search(**fields):
+            request = index_pb2.SearchRequest(collection="forms", k=5, fingerprint=fp, **fields)
+            return stub.Search(request, timeout=30).results
+
+        hits = [[(h.id, h.score) for h in r.hits] for r in search(queries=per_query)]
+        batch = search(vectors=to_tensor(queries), columnar=True)
+        assert all(not r.hits for r in batch)
+        assert [list(zip(r.ids, r.scores, strict=True)) for r in batch] == hits
+        assert [[(h.id, h.score) for h in r.hits] for r in search(vectors=to_tensor(queries))] == (
+            hits
+        )
+        assert [h[0][0] for h in hits] == [f"v{i}" for i in range(7)]
+        bad = {
+            "not both": {"queries": per_query, "vectors": to_tensor(queries)},
+            r"shape \[7, 1000\]": {"vectors": to_tensor(queries[:, :1000])},
+            r"shape \[1280\]": {"vectors": to_tensor(queries[0])},
+            "float32 or float16": {"vectors": to_tensor(queries.astype(np.uint8))},
+            r"vectors\[2\]: vector holds NaN": {
+                "vectors": to_tensor(np.where(np.arange(7)[:, None] == 2, np.nan, queries))
+            },
+            "needs 35840 bytes": {
+                "vectors": types_pb2.Tensor(
+                    data=b"\0" * 8, shape=[7, 1280], dtype=types_pb2.DTYPE_FLOAT32
+                )
+            },
+        }
+        for message, fields in bad.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                search(**fields)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() is not None
+            assert re.search(message, caught.value.details()), message
+    assert [h.id for h in bare.search("forms", queries, k=5, fingerprint=fp)[0]] == [
+        i for i, _ in hits[0]
+    ]  # the client uses the batch and columnar forms
+    bare.delete_collection("forms")
 
 
 def test_index_service_is_in_health_and_reflection(bare_server):

@@ -53,6 +53,7 @@ from ._types import (
     SearchOverrides,
     UpsertItem,
     UpsertResult,
+    as_batch,
     as_matrix,
     check_ids,
     check_k,
@@ -403,16 +404,19 @@ class IndexManager:
     async def search(
         self,
         name: str,
-        queries: Sequence[Query],
+        queries: Sequence[Query] | np.ndarray,
         k: int,
         fingerprint: str,
         overrides: SearchOverrides | None = None,
     ) -> SearchOutcome:
+        """`queries`: Query objects, or a [n, dim] batch of query vectors (one per row)."""
         collection = self._get(name)
         collection.check_usable()
         spec = collection.spec
         k = check_k(k)
-        if not queries:
+        if isinstance(queries, np.ndarray):  # its shape first: a 1-D array's len is no count
+            queries = as_batch(queries, spec.dimension, "vectors")
+        if not len(queries):
             raise InvalidInput("queries: send at least one query")
         if len(queries) > MAX_QUERIES:
             raise LimitExceeded(
@@ -420,6 +424,19 @@ class IndexManager:
             )
         overrides = overrides or SearchOverrides()
         _check_overrides(spec, overrides)
+        by_id: list[tuple[int, str]] = []
+        if isinstance(queries, np.ndarray):
+            self._check_fingerprint(spec, fingerprint, "vector queries")
+            matrix = normalize_rows(queries, "vectors") if spec.metric is Metric.COSINE else queries
+        else:
+            matrix, by_id = await self._query_matrix(spec, queries, fingerprint)
+        hits = await self.run(collection.search, matrix, by_id, k, overrides)
+        return SearchOutcome(spec, hits)
+
+    async def _query_matrix(
+        self, spec: CollectionSpec, queries: Sequence[Query], fingerprint: str
+    ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """The query matrix (rows of id queries left zero) and the (row, id) of id queries."""
         matrix = np.zeros((len(queries), spec.dimension), dtype=np.float32)
         vector_rows = [i for i, q in enumerate(queries) if q.vector is not None]
         if vector_rows:
@@ -437,8 +454,7 @@ class IndexManager:
         if spec.metric is Metric.COSINE and (vector_rows or source_rows):
             rows = vector_rows + source_rows
             matrix[rows] = normalize_rows(matrix[rows], "queries")
-        hits = await self.run(collection.search, matrix, by_id, k, overrides)
-        return SearchOutcome(spec, hits)
+        return matrix, by_id
 
     # --- model binding -----------------------------------------------------------------
 

@@ -314,6 +314,23 @@ def as_matrix(vectors: Sequence[np.ndarray], dimension: int, what: str) -> np.nd
     return matrix
 
 
+def as_batch(batch: np.ndarray, dimension: int, what: str) -> np.ndarray:
+    """A [n, dimension] float batch (the one-tensor form of n vectors) as a contiguous float32
+    matrix; checks its shape and values like `as_matrix` does row by row."""
+    if batch.dtype not in (np.float32, np.float16):
+        raise InvalidInput(f"{what}: vectors must be float32 or float16, got {batch.dtype}")
+    if batch.ndim != 2 or batch.shape[1] != dimension:
+        raise InvalidInput(
+            f"{what}: a tensor of shape {list(batch.shape)}; this collection takes [n, "
+            f"{dimension}] (a vector of shape [{dimension}] per row)"
+        )
+    matrix = np.ascontiguousarray(batch, dtype=np.float32)
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        raise InvalidInput(f"{what}[{int(np.argmin(finite))}]: vector holds NaN or infinity")
+    return matrix
+
+
 def normalize_rows(matrix: np.ndarray, what: str) -> np.ndarray:
     """L2-normalises each row (cosine collections); a zero vector has no direction."""
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)

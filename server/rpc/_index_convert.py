@@ -134,7 +134,12 @@ def remove_response(result: RemoveResult) -> index_pb2.RemoveResponse:
     )
 
 
-def queries(request: index_pb2.SearchRequest) -> list[Query]:
+def queries(request: index_pb2.SearchRequest) -> list[Query] | np.ndarray:
+    """Query objects, or the [n, dim] array of the batch form (`vectors`)."""
+    if request.HasField("vectors"):
+        if request.queries:
+            raise InvalidInput("set `queries` or `vectors`, not both")
+        return convert.vector(request.vectors, "vectors")
     out = []
     for i, query in enumerate(request.queries):
         kind = query.WhichOneof("query")
@@ -153,8 +158,16 @@ def overrides(request: index_pb2.SearchRequest) -> SearchOverrides:
     return SearchOverrides(hnsw_ef_search=request.hnsw_ef_search, ivf_nprobe=request.ivf_nprobe)
 
 
-def search_response(outcome: SearchOutcome) -> index_pb2.SearchResponse:
+def search_response(outcome: SearchOutcome, columnar: bool) -> index_pb2.SearchResponse:
     response = index_pb2.SearchResponse(model=_identity(outcome.spec))
+    if columnar:  # two extends a query: ~10x cheaper than a message per hit
+        for row in outcome.hits:
+            result = response.results.add()
+            if row:
+                ids, scores = zip(*row, strict=True)
+                result.ids.extend(ids)
+                result.scores.extend(scores)
+        return response
     for row in outcome.hits:  # add() in place: about twice as fast as building lists of hits
         add = response.results.add().hits.add
         for value, score in row:

@@ -76,4 +76,4 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             request.fingerprint,
             convert.overrides(request),
         )
-        return convert.search_response(outcome)
+        return convert.search_response(outcome, request.columnar)

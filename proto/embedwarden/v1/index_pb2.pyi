@@ -509,6 +509,8 @@ class SearchRequest(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     HNSW_EF_SEARCH_FIELD_NUMBER: _builtins.int
     IVF_NPROBE_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    COLUMNAR_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     k: _builtins.int
     """Zero: 10."""
@@ -517,8 +519,18 @@ class SearchRequest(_message.Message):
     hnsw_ef_search: _builtins.int
     """Per-request overrides; zero keeps the collection's setting."""
     ivf_nprobe: _builtins.int
+    columnar: _builtins.bool
+    """Answer each query in `SearchResult.ids` and `scores` (parallel lists) instead of `hits`:
+    a few hundred microseconds less per 640 hits on each side.
+    """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Query]: ...
+    @_builtins.property
+    def vectors(self) -> _types_pb2.Tensor:
+        """The batch form of vector queries: one [n, dim] tensor (float32 or float16), a query per row.
+        Set either this or `queries`. One buffer instead of n messages: cheaper to build and read.
+        """
+
     def __init__(
         self,
         *,
@@ -528,10 +540,12 @@ class SearchRequest(_message.Message):
         fingerprint: _builtins.str = ...,
         hnsw_ef_search: _builtins.int = ...,
         ivf_nprobe: _builtins.int = ...,
+        vectors: _types_pb2.Tensor | None = ...,
+        columnar: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vectors", b"vectors"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "fingerprint", b"fingerprint", "hnsw_ef_search", b"hnsw_ef_search", "ivf_nprobe", b"ivf_nprobe", "k", b"k", "queries", b"queries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "columnar", b"columnar", "fingerprint", b"fingerprint", "hnsw_ef_search", b"hnsw_ef_search", "ivf_nprobe", b"ivf_nprobe", "k", b"k", "queries", b"queries", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,16 +579,30 @@ class SearchResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HITS_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]: ...
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
+        """unless the request asked for `columnar`"""
+
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`columnar`: the hits' ids, closest first"""
+
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """`columnar`: their scores, as `SearchHit.score`"""
+
     def __init__(
         self,
         *,
         hits: _abc.Iterable[Global___SearchHit] | None = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "ids", b"ids", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
