@@ -2,11 +2,12 @@
 
 A manifest picks it with `[preprocess] decoder = "nvjpeg"` (the default, `pillow`, decodes on the
 CPU with libjpeg-turbo). nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's, so the
-pixels differ by about one level (mean |d| <= 1.5 of 255 on a photo at quality 90; the GPU test
-measures it): the decoder is hashed into the fingerprint like every other decode choice, and a
-version that names nvJPEG never falls back to Pillow, which would serve other pixels under the
-same fingerprint. Without CUDA, without torchvision's image ops, or with an nvJPEG that fails on
-a test image, such a model refuses to load (`require`).
+pixels differ, by about one level (test_gpu.py holds the mean |d| to 1.5 of 255 on a photo at
+quality 90, and measures it where a GPU is present): the decoder is hashed into the
+fingerprint like every other decode choice, and a version that names nvJPEG never falls back to
+Pillow, which would serve other pixels under the same fingerprint. Without CUDA, without
+torchvision's image ops, or with an nvJPEG that fails on a test image, such a model refuses to
+load (`require`).
 
 What nvJPEG decodes: JPEG files whose header Pillow reads as 3-component colour (mode RGB: YCbCr,
 the camera and web norm), baseline or progressive, with `mode=ImageReadMode.RGB`. Greyscale and
@@ -25,7 +26,8 @@ What nvJPEG does not do, and the contract still does, on the host, after the cop
 nvJPEG picks its backend per GPU: baseline JPEGs go to the hardware JPEG engine where the GPU has
 one (A100, H100, H200), to the CUDA decoder elsewhere, progressive ones always to the CUDA
 decoder. The fingerprint names nvJPEG, not the GPU; the consistency checks' canary photos go
-through this decoder, so a move to a GPU whose nvJPEG decodes differently shows there.
+through this decoder, so a move to a GPU whose nvJPEG decodes differently shows there as a
+difference from the golden record (judged like any other change of environment).
 
 torchvision 0.29 deprecates its image decoders in favour of TorchCodec (a DeprecationWarning per
 call, which Python hides outside `__main__`); `decode_jpeg` is what the pinned torchvision ships.
