@@ -190,6 +190,14 @@ def test_an_embedded_icc_profile_is_converted_after_nvjpeg(fake_gpu, photo_array
     assert len(fake_gpu) == 2
 
 
+class _ReadMode:
+    RGB = "RGB"
+
+
+def _fake_tensor() -> torch.Tensor:
+    return torch.zeros((3, 2, 2), dtype=torch.uint8)
+
+
 def test_a_decode_of_the_wrong_size_is_the_callers_bad_input(monkeypatch, photo_arrays):
     jpeg = encode(photo_arrays["chelsea"], "JPEG", quality=90)
     # The real function's checks, with the GPU decode replaced by a wrong-sized result.
@@ -207,9 +215,7 @@ def test_a_decode_of_the_wrong_size_is_the_callers_bad_input(monkeypatch, photo_
         decode(jpeg, MAX_PIXELS, LEGACY_DECODE, "nvjpeg")
 
 
-class _ReadMode:
-    RGB = "RGB"
-
-
-def _fake_tensor() -> torch.Tensor:
-    return torch.zeros((3, 2, 2), dtype=torch.uint8)
+def test_decode_refuses_a_decoder_name_no_manifest_could_carry(photo_arrays):
+    jpeg = encode(photo_arrays["chelsea"], "JPEG", quality=90)
+    with pytest.raises(ValueError, match="decoder 'nvJPEG' is not one of"):
+        decode(jpeg, MAX_PIXELS, LEGACY_DECODE, "nvJPEG")  # never a silent Pillow decode

@@ -1,8 +1,9 @@
 """What defines a model version: its manifest, the registry of versions, verified weights, and
 the pre- and postprocessing the manifest pins.
 
-The bottom floor of the server: it imports nothing above `_errors`, so every other concern may
-use it. The built-in manifests (TOML, one file per version) ship in `builtin/`.
+The bottom floor of the server: it imports nothing above the foundation modules (`_errors`, and
+`_frameworks` for the torch import of the nvjpeg decoder), so every other concern may use it. The
+built-in manifests (TOML, one file per version) ship in `builtin/`.
 """
 
 from ._decode import DECODERS, DecodeSpec, decode_table, require_decoder

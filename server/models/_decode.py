@@ -196,6 +196,8 @@ def decode_bytes(
     data: bytes, spec: DecodeSpec, max_pixels: int, decoder: str = "pillow"
 ) -> Image.Image:
     """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else."""
+    if decoder not in DECODERS:  # a bug: manifests are validated, so never the caller's input
+        raise ValueError(f"decoder {decoder!r} is not one of {list(DECODERS)}")
     image = open_image(data, spec, max_pixels)
     kind = image.format
     turn = _upright(image) if spec.exif == "apply" else None
