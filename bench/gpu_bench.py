@@ -4,9 +4,12 @@
   8 on the device, pooling; images/s, and the share of wall time spent decoding;
 - the server with `--device DEVICE`: 1 and 8 clients, 8 distinct JPEGs per request (cache
   misses), images/s and the ratio to in-process; the share of its time in decode/preprocess
-  (from the responses' timings).
+  (from the responses' timings);
+- where CUDA is present: the same cache-miss path with `decoder = "nvjpeg"` (JPEGs decoded on
+  the GPU) beside `decoder = "pillow"` (the CPU pool), in-process and through the server with 8
+  clients: images/s and the share of time in decode, to see which keeps the GPU busy.
 
-Runs on CPU too (`--device cpu`) as a smoke test. Nothing is asserted.
+Runs on CPU too (`--device cpu`, no decoder comparison) as a smoke test. Nothing is asserted.
 
     python bench/gpu_bench.py [--device cuda] [--seconds 10] [--json results/gpu.json]
 """
@@ -20,6 +23,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +40,47 @@ except ImportError:  # run as a script from bench/
     from extract_bench import DistinctInputs  # type: ignore
 
 MODEL = "efficientnet_lite0"
+NVJPEG_MODEL = "lite0_nvjpeg"  # the same version with decoder = "nvjpeg"
 BATCH = 8
 
 
-def in_process(images: list[bytes], device: str, seconds: float) -> dict[str, float]:
+def cuda_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def write_nvjpeg_manifest(folder: Path) -> None:
+    """The default model's manifest under another name, decoding JPEGs with nvJPEG."""
+    from embedwarden.server import build_registry
+
+    text = build_registry().resolve(MODEL).text
+    text = text.replace(f'name = "{MODEL}"', f'name = "{NVJPEG_MODEL}"')
+    text = text.replace('decoder = "pillow"', 'decoder = "nvjpeg"').replace("default = true\n", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{NVJPEG_MODEL}@1.toml").write_text(text)
+
+
+def in_process(
+    images: list[bytes], device: str, seconds: float, decoder: str = "pillow"
+) -> dict[str, float]:
     from embedwarden.server import available_cores, build_registry, configure_process
     from embedwarden.server.backbones import TorchBackbone
-    from embedwarden.server.models import Pooling, Preprocessor, finish, read_verified
+    from embedwarden.server.models import (
+        Pooling,
+        Preprocessor,
+        finish,
+        read_verified,
+        require_decoder,
+    )
 
     configure_process(deterministic=True, torch_threads=0)
     manifest = build_registry().resolve(MODEL)
+    require_decoder(decoder, f"{MODEL} with decoder {decoder}")
     backbone = TorchBackbone(manifest, read_verified(manifest)[1], device)
-    pre = Preprocessor(manifest.preprocess)
+    pre = Preprocessor(replace(manifest.preprocess, decoder=decoder))
     layer = manifest.layer("features")
     pool = ThreadPoolExecutor(available_cores())
     decode_s = 0.0
@@ -73,7 +106,9 @@ def in_process(images: list[bytes], device: str, seconds: float) -> dict[str, fl
     return {"images_per_s": done / wall, "decode_share": decode_s / wall}
 
 
-def server(address: str, inputs: DistinctInputs, clients: int, seconds: float) -> dict[str, float]:
+def server(
+    address: str, inputs: DistinctInputs, clients: int, seconds: float, model: str = MODEL
+) -> dict[str, float]:
     counter = [0]
     shares: list[float] = []
     lock = threading.Lock()
@@ -82,7 +117,7 @@ def server(address: str, inputs: DistinctInputs, clients: int, seconds: float) -
     def worker() -> None:
         with Client(address, timeout=120) as c:
             while time.perf_counter() < stop:
-                result = c.extract(inputs.take(BATCH), MODEL, layers="features", pooling="avg")
+                result = c.extract(inputs.take(BATCH), model, layers="features", pooling="avg")
                 t = result.timings
                 with lock:
                     counter[0] += BATCH
@@ -106,16 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     images = photo_jpegs(128)
+    nvjpeg = args.device != "cpu" and cuda_present()
     baseline = in_process(images, args.device, args.seconds)
     results: dict[str, Any] = {"machine": machine(), "device": args.device, "in_process": baseline}
+    if nvjpeg:
+        results["in_process_nvjpeg"] = in_process(images, args.device, args.seconds, "nvjpeg")
     inputs = DistinctInputs(images)
-    with tempfile.TemporaryDirectory() as data:
-        process = ServerProcess(Path(data), "--device", args.device).start()
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = ["--device", args.device]
+        if nvjpeg:
+            write_nvjpeg_manifest(Path(tmp) / "models")
+            flags += ["--models-dir", str(Path(tmp) / "models")]
+            flags += ["--models", f"{MODEL},{NVJPEG_MODEL}"]
+        process = ServerProcess(Path(tmp) / "data", *flags).start()
         try:
             for clients in (1, 8):
                 r = server(process.address, inputs, clients, args.seconds)
                 r["ratio"] = r["images_per_s"] / baseline["images_per_s"]
                 results[f"server_{clients}_clients"] = r
+            if nvjpeg:
+                r = server(process.address, inputs, 8, args.seconds, NVJPEG_MODEL)
+                r["ratio"] = r["images_per_s"] / baseline["images_per_s"]
+                results["server_8_clients_nvjpeg"] = r
         finally:
             process.stop()
     m = results["machine"]
@@ -133,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
             f"images/s ({r['ratio']:.2f}x), decode/preprocess {r['decode_share']:.0%} of request "
             "time"
         )
+    if nvjpeg:
+        print("cache misses by decoder (pillow: the CPU pool; nvjpeg: JPEGs on the GPU):")
+        rows = [
+            ("in-process", results["in_process"], results["in_process_nvjpeg"]),
+            ("server, 8 clients", results["server_8_clients"], results["server_8_clients_nvjpeg"]),
+        ]
+        for what, pillow, gpu in rows:
+            print(
+                f"  {what}: pillow {pillow['images_per_s']:.1f} images/s (decode "
+                f"{pillow['decode_share']:.0%}), nvjpeg {gpu['images_per_s']:.1f} images/s (decode "
+                f"{gpu['decode_share']:.0%}), nvjpeg/pillow "
+                f"{gpu['images_per_s'] / pillow['images_per_s']:.2f}x"
+            )
     write_json(results, args.json)
     return 0
 

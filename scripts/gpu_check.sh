@@ -3,7 +3,8 @@
 # restart and co-load bit-identical on the device with deterministic settings, batch invariance
 # within the manifest's tolerance, TF32 state recorded) and the cache-miss benchmark on the GPU
 # (server vs the in-process GPU pipeline, 1 and 8 clients, batches of 8, images/s and the share of
-# time in decode). Meant to finish within 8 minutes on 16 cores.
+# time in decode; and the same cache misses with decoder = nvjpeg beside decoder = pillow: JPEGs
+# decoded on the GPU or on the CPU pool). Meant to finish within 8 minutes on 16 cores.
 #
 # Works with an interpreter that has torch preinstalled (e.g. Python 3.12) and only the project's
 # other dependencies added: it imports the project from this checkout without installing it (the

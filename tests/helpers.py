@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,20 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **params: object) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, fmt, **params)
     return buf.getvalue()
+
+
+def swapped_primaries_profile() -> bytes:
+    """sRGB with its red and blue colorants exchanged: stored (r, g, b) shows as sRGB (b, g, r).
+    A non-sRGB profile built here, whose conversion is known exactly."""
+    from PIL import ImageCms
+
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", profile[128:132])[0]
+    entry = {bytes(profile[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    r, b = entry[b"rXYZ"] + 4, entry[b"bXYZ"] + 4
+    profile[r : r + 8], profile[b : b + 8] = profile[b : b + 8], profile[r : r + 8]
+    profile[84:100] = bytes(16)  # profile ID: no longer the MD5 of the content
+    return bytes(profile)
 
 
 def assert_close(actual: object, expected: object, rel: float, what: str = "") -> None:

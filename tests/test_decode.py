@@ -8,12 +8,11 @@ contract prescribes" is the check."""
 from __future__ import annotations
 
 import io
-import struct
 
 import numpy as np
 import pytest
-from helpers import encode, make_settings
-from PIL import Image, ImageCms
+from helpers import encode, make_settings, swapped_primaries_profile
+from PIL import Image
 
 from embedwarden.client import Client, InvalidArgument
 from embedwarden.server import build_registry, parse_manifest
@@ -185,18 +184,6 @@ def test_palette_greyscale_and_cmyk_convert_as_stated(client, photo_arrays):
             (cmyk_file.getvalue(), cmyk_rgb),
         ):
             np.testing.assert_array_equal(embed(client, model, data), embed(client, model, pixels))
-
-
-def swapped_primaries_profile() -> bytes:
-    """sRGB with its red and blue colorants exchanged: stored (r, g, b) shows as sRGB (b, g, r).
-    A non-sRGB profile built here, whose conversion is known exactly."""
-    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
-    count = struct.unpack(">I", profile[128:132])[0]
-    entry = {bytes(profile[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(count)}
-    r, b = entry[b"rXYZ"] + 4, entry[b"bXYZ"] + 4
-    profile[r : r + 8], profile[b : b + 8] = profile[b : b + 8], profile[r : r + 8]
-    profile[84:100] = bytes(16)  # profile ID: no longer the MD5 of the content
-    return bytes(profile)
 
 
 def test_an_embedded_icc_profile_is_converted_to_srgb_or_ignored(client, photo_arrays):

@@ -1,13 +1,14 @@
 """What defines a model version: its manifest, the registry of versions, verified weights, and
 the pre- and postprocessing the manifest pins.
 
-The bottom floor of the server: it imports nothing above `_errors`, so every other concern may
-use it. The built-in manifests (TOML, one file per version) ship in `builtin/`.
+The bottom floor of the server: it imports nothing above the foundation modules (`_errors`, and
+`_frameworks` for the torch import of the nvjpeg decoder), so every other concern may use it. The
+built-in manifests (TOML, one file per version) ship in `builtin/`.
 """
 
+from ._decode import DECODERS, DecodeSpec, decode_table, require_decoder
 from ._decode import LEGACY as LEGACY_DECODE
 from ._decode import RECOMMENDED as RECOMMENDED_DECODE
-from ._decode import DecodeSpec, decode_table
 from ._manifest import (
     ArchitectureSpec,
     LayerSpec,
@@ -53,6 +54,7 @@ from ._weights import (
 )
 
 __all__ = [
+    "DECODERS",
     "LEGACY_DECODE",
     "MAX_TEXT_BYTES",
     "OUTPUT_DTYPES",
@@ -90,6 +92,7 @@ __all__ = [
     "plan_geometry",
     "pool",
     "read_verified",
+    "require_decoder",
     "resolve_pooling",
     "sha256_file",
     "tensor_sha256",

@@ -10,6 +10,9 @@ a manifest without a `[decode]` table gets it, so their fingerprints stay as the
 `RECOMMENDED` is what the manifest writers put in new manifests: what a user embedding phone
 photos expects (upright, colour-managed, transparent areas on white, GIFs and 16-bit PNGs read).
 
+Which library turns JPEG data into pixels is `[preprocess] decoder`: `pillow` (libjpeg-turbo, on
+the CPU) or `nvjpeg` (on the GPU, see `_nvjpeg`); everything else here is the same for both.
+
 Every failure of the decoder on untrusted bytes is the caller's bad input, never a server error.
 The pixel count is checked from the header before any pixel is decoded (decompression bombs).
 """
@@ -23,8 +26,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from .._errors import InvalidInput, LimitExceeded
+from .._errors import InvalidInput, LimitExceeded, ManifestError
+from . import _nvjpeg
 
+DECODERS = ("pillow", "nvjpeg")  # [preprocess] decoder
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 EXIF_POLICIES = ("apply", "ignore")
 ICC_POLICIES = ("convert_to_srgb", "ignore")
@@ -178,10 +183,30 @@ def orientation(data: bytes) -> int:
     return value if isinstance(value, int) and value in range(1, 9) else 1
 
 
-def decode_bytes(data: bytes, spec: DecodeSpec, max_pixels: int) -> Image.Image:
+def require_decoder(decoder: str, ref: str) -> None:
+    """Raises FailedPrecondition when `decoder` cannot run here (nvjpeg without CUDA): the model
+    `ref` pinning it must not load, rather than decode with another library."""
+    if decoder not in DECODERS:
+        raise ManifestError(f"{ref}: decoder {decoder!r} is not one of {list(DECODERS)}")
+    if decoder == "nvjpeg":
+        _nvjpeg.require(ref)
+
+
+def decode_bytes(
+    data: bytes, spec: DecodeSpec, max_pixels: int, decoder: str = "pillow"
+) -> Image.Image:
     """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else."""
+    if decoder not in DECODERS:  # a bug: manifests are validated, so never the caller's input
+        raise ValueError(f"decoder {decoder!r} is not one of {list(DECODERS)}")
     image = open_image(data, spec, max_pixels)
+    kind = image.format
     turn = _upright(image) if spec.exif == "apply" else None
+    if decoder == "nvjpeg" and kind == "JPEG" and image.mode in _nvjpeg.NVJPEG_MODES:
+        # The header read above stays Pillow's; the pixels are nvJPEG's, and go through the
+        # same profile and orientation steps below (JPEGs have no alpha).
+        info = image.info
+        image = Image.fromarray(_nvjpeg.decode_rgb(data, *image.size))
+        image.info.update(info)
     try:
         image.load()
         if image.mode == "RGB" and spec.icc == "ignore" and turn is None:
@@ -200,7 +225,7 @@ def decode_bytes(data: bytes, spec: DecodeSpec, max_pixels: int) -> Image.Image:
             rgb = rgb.transpose(turn)
         return rgb
     except DECODE_ERRORS as exc:
-        raise InvalidInput(f"could not decode the {image.format} image: {exc}") from None
+        raise InvalidInput(f"could not decode the {kind} image: {exc}") from None
 
 
 def _upright(image: Image.Image) -> Image.Transpose | None:

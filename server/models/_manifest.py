@@ -27,6 +27,7 @@ from .._errors import ManifestError, NotFound
 from ._decode import (
     ALPHA_POLICIES,
     CMYK_RULES,
+    DECODERS,
     EXIF_POLICIES,
     FORMATS,
     FRAME_RULES,
@@ -79,7 +80,7 @@ class WeightsSpec:
 class PreprocessSpec:
     """Decode and preprocessing, completely: nothing here may be left to a library default."""
 
-    decoder: str
+    decoder: str  # pillow (libjpeg-turbo, CPU) or nvjpeg (JPEGs on the GPU): see `_nvjpeg`
     color_order: str
     resize_mode: str  # crop_resize: crop a fraction of the short side, then resize to `size`
     size: int  # resize_crop: resize the short side to `resize_size`, then centre-crop `size`
@@ -312,7 +313,7 @@ def _positive(where: str, value: float) -> None:
 def _parse_preprocess(t: _Table) -> PreprocessSpec:
     layout = t.choice("layout", LAYOUTS)
     spec = PreprocessSpec(
-        decoder=t.choice("decoder", ("pillow",)),
+        decoder=t.choice("decoder", DECODERS),
         color_order=t.choice("color_order", COLOR_ORDERS),
         resize_mode=t.choice("resize_mode", RESIZE_MODES),
         size=t.get("size", int),
@@ -330,7 +331,7 @@ def _parse_preprocess(t: _Table) -> PreprocessSpec:
     _positive(f"{t.where}.divisor", spec.divisor)
     if not spec.antialias and spec.interpolation != "nearest":
         raise ManifestError(
-            f"{t.where}.antialias: the pillow decoder always antialiases when downscaling; "
+            f"{t.where}.antialias: Pillow's resize always antialiases when downscaling; "
             "set antialias = true"
         )
     if spec.resize_mode == "crop_resize" and not 0 < spec.crop_fraction <= 1:

@@ -1,7 +1,7 @@
 """Decoding and preprocessing exactly as a manifest pins them, framework-independent.
 
-Inputs are encoded bytes, decoded as the manifest's `[decode]` table says (see `_decode`), or
-raw uint8 H x W x 3 RGB arrays, used as sent.
+Inputs are encoded bytes, decoded by the manifest's `decoder` as its `[decode]` table says (see
+`_decode`), or raw uint8 H x W x 3 RGB arrays, used as sent.
 
 Geometry follows the reference pipelines step for step:
 - `crop_resize` (official EfficientNet eval): crop int(fraction * short side) at offset
@@ -73,11 +73,14 @@ def exif_orientation(source: ImageSource) -> int:
     return 1 if isinstance(source, RawImage) or not source else orientation(source)
 
 
-def decode(source: ImageSource, max_pixels: int, spec: DecodeSpec = LEGACY) -> Image.Image:
-    """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else."""
+def decode(
+    source: ImageSource, max_pixels: int, spec: DecodeSpec = LEGACY, decoder: str = "pillow"
+) -> Image.Image:
+    """Decoded 8-bit RGB image; raises InvalidInput/LimitExceeded for anything else.
+    `decoder` is the manifest's `[preprocess] decoder` (raw arrays need none)."""
     if isinstance(source, RawImage):
         return Image.fromarray(source.to_array(max_pixels))
-    return decode_bytes(source, spec, max_pixels)
+    return decode_bytes(source, spec, max_pixels, decoder)
 
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
@@ -177,7 +180,7 @@ class Preprocessor:
         """Decode and preprocess one input."""
         if isinstance(source, TextInput):
             raise InvalidInput("this is an image model: send `encoded` or `raw` images, not text")
-        return self(decode(source, max_pixels, self.spec.decode))
+        return self(decode(source, max_pixels, self.spec.decode, self.spec.decoder))
 
 
 def tensor_sha256(tensor: np.ndarray) -> str:

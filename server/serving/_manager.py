@@ -39,6 +39,7 @@ from ..models import (
     check_fingerprint,
     parse_fingerprint,
     parse_model_ref,
+    require_decoder,
 )
 from ._batching import DynamicBatcher
 
@@ -239,6 +240,9 @@ class ModelManager:
                 f"{manifest.ref} pins deterministic numerics but the server runs with "
                 "--deterministic false"
             )
+        # Before the weights: a decoder this machine lacks (nvjpeg without CUDA) refuses the
+        # version; decoding with another library would serve other pixels under its fingerprint.
+        require_decoder(manifest.preprocess.decoder, manifest.ref)
         backbone, verified = load_backbone(manifest, self.device, self.settings.weights_dirs)
         model = LoadedModel(
             manifest=manifest,

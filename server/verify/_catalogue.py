@@ -217,7 +217,7 @@ def names() -> list[str]:
 
 def render(recipe: Recipe, source: ImageSource, max_pixels: int) -> np.ndarray:
     """The tensor a pipeline following `recipe` feeds the model for `source`."""
-    image = decode(source, max_pixels, recipe.spec.decode)
+    image = decode(source, max_pixels, recipe.spec.decode, recipe.spec.decoder)
     preprocessor = _preprocessor(recipe.spec)
     if recipe.antialias:
         tensor = preprocessor(image)

@@ -474,6 +474,7 @@ class Preprocessing(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     DECODING_FIELD_NUMBER: _builtins.int
     decoder: _builtins.str
+    """pillow (libjpeg-turbo on the CPU) | nvjpeg (JPEGs on the GPU)"""
     color_order: _builtins.str
     resize_mode: _builtins.str
     resize_size: _builtins.int
