@@ -3,7 +3,9 @@
 Baselines, measured in the same run on the same machine:
 - in-process: decode + preprocess + model + pooling with the very code the server uses
   (Preprocessor, TorchBackbone, finish), one batch at a time, at its best batch size;
-- in-process single-image latency.
+- in-process single-image latency;
+- side by side: one single-threaded in-process pipeline per core, in separate processes, on the
+  same inputs at batch 4, images/s summed (the machine's limit for this pipeline).
 Server figures: throughput with 1, 8 and 32 concurrent clients (distinct 640x480 JPEGs, so every
 request is a cache miss), single-client latency p50/p99, and ExtractStream beside unary Extract.
 """
@@ -36,19 +38,13 @@ except ImportError:  # run as a script from bench/
 MODEL = "efficientnet_lite0"
 
 
-def in_process(
-    images: Sequence[bytes], batch_sizes: Sequence[int], seconds: float
-) -> dict[str, Any]:
-    """The strongest single-pipeline baseline: decode + preprocess + infer + pool, one batch at a
-    time, with the best of every batch size and of 1 or all cores of intra-op threads; and its
-    single-image latency (with its best thread count)."""
-    import torch
-
-    from embedwarden.server import available_cores, build_registry, configure_process
+def _pipeline(threads: int) -> Any:
+    """The server's own decode + preprocess + model + pooling code, in this process."""
+    from embedwarden.server import build_registry, configure_process
     from embedwarden.server.backbones import TorchBackbone
     from embedwarden.server.models import Pooling, Preprocessor, finish, read_verified
 
-    configure_process(deterministic=True, torch_threads=0)
+    configure_process(deterministic=True, torch_threads=threads)
     manifest = build_registry().resolve(MODEL)
     backbone = TorchBackbone(manifest, read_verified(manifest)[1], "cpu")
     pre = Preprocessor(manifest.preprocess)
@@ -59,6 +55,20 @@ def in_process(
         out = backbone.infer(tensors, ["features"])["features"]
         return [finish(o, layer, Pooling.AVG, False, "float32") for o in out]
 
+    return backbone, run
+
+
+def in_process(
+    images: Sequence[bytes], batch_sizes: Sequence[int], seconds: float
+) -> dict[str, Any]:
+    """The strongest single-pipeline baseline: decode + preprocess + infer + pool, one batch at a
+    time, with the best of every batch size and of 1 or all cores of intra-op threads; and its
+    single-image latency (with its best thread count)."""
+    import torch
+
+    from embedwarden.server import available_cores
+
+    backbone, run = _pipeline(0)
     throughput: dict[str, float] = {}
     for threads in sorted({1, available_cores()}):
         torch.set_num_threads(threads)
@@ -84,6 +94,56 @@ def in_process(
         "best": best,
         "best_throughput": throughput[best],
         "latency": percentiles(latencies),
+    }
+
+
+def _side_by_side_worker(
+    images: Sequence[bytes], batch: int, seconds: float, barrier: Any, results: Any
+) -> None:
+    """One single-threaded in-process pipeline (see `side_by_side`)."""
+    import torch
+
+    backbone, run = _pipeline(1)
+    torch.set_num_threads(1)
+    run(images[:batch])  # warm-up
+    barrier.wait()
+    done, i = 0, 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run([images[(i + k) % len(images)] for k in range(batch)])
+        done += batch
+        i += batch
+    results.put(done / (time.perf_counter() - started))
+    backbone.close()
+
+
+def side_by_side(
+    images: Sequence[bytes], workers: int, batch: int, seconds: float
+) -> dict[str, Any]:
+    """The machine's limit for this pipeline: `workers` single-threaded in-process pipelines
+    (separate processes, so no GIL is shared), started together on the same inputs, `batch`
+    images at a time; images/s summed over the workers."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(workers)
+    results = context.Queue()
+    procs = [
+        context.Process(
+            target=_side_by_side_worker, args=(list(images), batch, seconds, barrier, results)
+        )
+        for _ in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    per_worker = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    return {
+        "workers": workers,
+        "batch": batch,
+        "per_worker": per_worker,
+        "images_per_s": sum(per_worker),
     }
 
 
@@ -167,7 +227,8 @@ def run(data_dir: Path, seconds: float = 10.0, quick: bool = False) -> dict[str,
     inputs = DistinctInputs(images)
     baseline = in_process(images, (1, 2, 4, 8), seconds / 3)
     best = baseline["best_throughput"]
-    out: dict[str, Any] = {"machine": machine(), "in_process": baseline}
+    limit = side_by_side(images, int(machine()["cores"]), 4, seconds / 2)
+    out: dict[str, Any] = {"machine": machine(), "in_process": baseline, "side_by_side": limit}
     server = ServerProcess(data_dir / "default").start()
     try:
         for per_request in (8, 1):
