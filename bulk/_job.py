@@ -317,7 +317,7 @@ def _run(
     out: Path,
     all_inputs: list[str],
     summary: Summary,
-    progress: Callable[[int, int, float], None] | None,
+    progress: Callable[[int, int, float | None], None] | None,
 ) -> None:
     """The Ray Data pipeline, consumed on the driver into whole Parquet files."""
     import ray.data
@@ -329,8 +329,11 @@ def _run(
     # final: constructors are not retried.
     context.wait_for_min_actors_s = int(pool.actor_start_timeout_s)
     context.actor_init_retry_on_errors = False
+    # A job smaller than a batch per actor is split so that every actor gets a share (else the
+    # first actor takes it all and the other nodes idle).
+    batch_size = max(1, min(pool.batch_size, -(-len(todo) // pool.actors)))
     # A block per batch (results stream back, progress moves) up to MAX_BLOCKS.
-    batches = -(-len(todo) // pool.batch_size)
+    batches = -(-len(todo) // batch_size)
     blocks = min(len(todo), max(2 * pool.actors, min(MAX_BLOCKS, batches)))
     ds: ray.data.Dataset = ray.data.from_items(
         [{"path": p} for p in todo], override_num_blocks=blocks
@@ -338,7 +341,7 @@ def _run(
     ds = ds.map_batches(
         read_inputs,  # type: ignore[arg-type]  # its keyword argument: fn_kwargs
         fn_kwargs={"max_file_bytes": config.max_file_bytes},
-        batch_size=pool.batch_size,
+        batch_size=batch_size,
         num_cpus=pool.read_cpus,
     )
     ds = ds.map_batches(
@@ -346,11 +349,13 @@ def _run(
         fn_constructor_kwargs={"config": config},
         compute=ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
         num_cpus=pool.actor_cpus,
-        batch_size=pool.batch_size,
+        batch_size=batch_size,
     )
     writer = _Writer(out, summary.spec)
     wrote_inputs = False
-    running = 0.0  # the rate counts from the first batch: actors' load and checks are set-up
+    # The rate counts the rows after the first batch, from its arrival: actors' load and checks
+    # are set-up, and a rate over one batch's arrival would be meaningless.
+    running, first = 0.0, 0
     with warnings.catch_warnings():
         # A job smaller than one batch per actor is no mistake of the user's.
         warnings.filterwarnings("ignore", "The minimum number of concurrent actors", UserWarning)
@@ -363,9 +368,11 @@ def _run(
             summary.rows += rows
             summary.errors += errors
             summary.nodes.update(nodes)
+            count = summary.rows + summary.errors
+            first = first or count
             if progress is not None:
-                count = summary.rows + summary.errors
-                progress(count, len(todo), time.perf_counter() - running)
+                elapsed = time.perf_counter() - running
+                progress(count, len(todo), (count - first) / elapsed if count > first else None)
     writer.flush()
 
 
@@ -388,7 +395,7 @@ def extract_to_parquet(
     models_dirs: Sequence[Path] = (),
     expect_fingerprint: str = "",
     actor_start_timeout_s: float = 900.0,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float | None], None] | None = None,
 ) -> Summary:
     """Embeds every input into a Parquet dataset at `out` on the Ray cluster at `address`;
     resumes a folder of the same job. Returns the summary (with the folder's verdict)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -224,17 +225,27 @@ def test_an_address_that_is_not_a_ray_cluster_fails_fast(server, images, tmp_pat
 
 
 def test_the_cli_form(job, cluster, images, tmp_path):
-    """`embedwarden extract ... --ray ADDRESS --out DIR` on the same folder: nothing to do."""
+    """`embedwarden extract ... --ray ADDRESS --out DIR` with its default batch size: a job
+    smaller than a batch per actor still reaches both nodes; then, on the API job's folder,
+    nothing to do."""
     out, _summary = job
-    cmd = [
-        sys.executable, "-m", "embedwarden.client", "extract", str(images), "--model", MODEL,
-        "--layer", "features", "--ray", cluster, "--out", str(out), "--data-dir", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "RAY_DEDUP_LOGS": "0"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "7 already done, 0 rows and 0 errors written" in result.stderr
+
+    def cli(folder: Path) -> str:
+        cmd = [
+            sys.executable, "-m", "embedwarden.client", "extract", str(images), "--model", MODEL,
+            "--layer", "features", "--ray", cluster, "--out", str(folder),
+            "--data-dir", str(tmp_path),
+        ]  # fmt: skip
+        env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    fresh = cli(tmp_path / "cli-out")
+    assert "0 already done, 5 rows and 2 errors written" in fresh
+    nodes = re.search(r"rows per node: (.*)", fresh)
+    assert nodes is not None and "127.0.0.2: " in nodes[1] and "127.0.0.3: " in nodes[1], fresh
+    assert "7 already done, 0 rows and 0 errors written" in cli(out)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -276,7 +287,7 @@ def test_killing_an_actor_mid_job_never_leaves_a_silent_gap(cluster, photos, dat
     out = tmp_path / "out"
     killed: list[int] = []
 
-    def kill_one(done: int, _total: int, _seconds: float) -> None:
+    def kill_one(done: int, _total: int, _rate: float | None) -> None:
         if done >= 2 and not killed:
             pids = _embedder_actor_pids()
             assert pids, "no Embedder actor process found"

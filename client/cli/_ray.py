@@ -10,17 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _progress() -> Callable[[int, int, float], None]:
+def _progress() -> Callable[[int, int, float | None], None]:
     last = [0.0]
 
-    def show(done: int, total: int, seconds: float) -> None:
+    def show(done: int, total: int, rate: float | None) -> None:
+        """`rate`: images/s since the first batch arrived (None until a second one did)."""
         now = time.monotonic()
         if now - last[0] < 1.0 and done < total:
             return
         last[0] = now
-        rate = done / seconds if seconds > 0 else 0.0  # seconds since the first batch
         end = "\n" if done >= total else ""
-        print(f"\r{done}/{total} inputs, {rate:.1f} images/s", end=end, file=sys.stderr)
+        speed = f", {rate:.1f} images/s" if rate is not None else ""
+        print(f"\r{done}/{total} inputs{speed}", end=end, file=sys.stderr)
 
     return show
 
