@@ -58,6 +58,16 @@ def _pipeline(threads: int) -> Any:
     return backbone, run
 
 
+def _images_per_s(run: Any, images: Sequence[bytes], batch: int, seconds: float) -> float:
+    """`run` on `batch` images at a time, cycling through `images`, for `seconds`."""
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run([images[(done + k) % len(images)] for k in range(batch)])
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
 def in_process(
     images: Sequence[bytes], batch_sizes: Sequence[int], seconds: float
 ) -> dict[str, Any]:
@@ -74,13 +84,7 @@ def in_process(
         torch.set_num_threads(threads)
         run(images[:4])  # warm-up
         for bs in batch_sizes:
-            done, i = 0, 0
-            started = time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                run([images[(i + k) % len(images)] for k in range(bs)])
-                done += bs
-                i += bs
-            throughput[f"threads={threads},batch={bs}"] = done / (time.perf_counter() - started)
+            throughput[f"threads={threads},batch={bs}"] = _images_per_s(run, images, bs, seconds)
     best = max(throughput, key=lambda k: throughput[k])
     torch.set_num_threads(int(best.split(",")[0].split("=")[1]))
     latencies = []
@@ -107,13 +111,7 @@ def _side_by_side_worker(
     torch.set_num_threads(1)
     run(images[:batch])  # warm-up
     barrier.wait()
-    done, i = 0, 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run([images[(i + k) % len(images)] for k in range(batch)])
-        done += batch
-        i += batch
-    results.put(done / (time.perf_counter() - started))
+    results.put(_images_per_s(run, images, batch, seconds))
     backbone.close()
 
 

@@ -105,14 +105,21 @@ def test_recovery_is_the_last_snapshot_plus_the_log(tmp_path, kind):
     store.close()
 
 
-def test_interrupted_snapshots_are_ignored_and_cleaned(tmp_path):
+def with_a_removal(tmp_path, kind: IndexKind, n: int, seed: int):
+    """A new collection of `n` clustered vectors, "v0" removed (HNSW: a tombstone)."""
     path = tmp_path / "index"
     store = IndexStore(path)
-    spec = make_spec(IndexKind.HNSW)
+    spec = make_spec(kind)
     collection = Collection.create(spec, store)
-    data = clustered(50, 32, seed=12)
-    collection.upsert(ids_of(50), data)
-    collection.remove(["v0"])  # a tombstone, which the snapshot must carry
+    data = clustered(n, 32, seed=seed)
+    collection.upsert(ids_of(n), data)
+    collection.remove(["v0"])
+    return path, store, spec, collection, data
+
+
+def test_interrupted_snapshots_are_ignored_and_cleaned(tmp_path):
+    # The tombstone of "v0" must travel with the snapshot.
+    path, store, spec, collection, data = with_a_removal(tmp_path, IndexKind.HNSW, 50, 12)
     assert collection.snapshot()
     collection.upsert(["late"], data[:1])
     folder = store.collection_dir(spec.uid)
@@ -130,13 +137,7 @@ def test_interrupted_snapshots_are_ignored_and_cleaned(tmp_path):
 
 
 def test_a_kill_between_snapshot_and_trim_leaves_no_covered_entries(tmp_path, monkeypatch):
-    path = tmp_path / "index"
-    store = IndexStore(path)
-    spec = make_spec(IndexKind.FLAT)
-    collection = Collection.create(spec, store)
-    data = clustered(30, 32, seed=13)
-    collection.upsert(ids_of(30), data)
-    collection.remove(["v0"])
+    path, store, spec, collection, _ = with_a_removal(tmp_path, IndexKind.FLAT, 30, 13)
     with monkeypatch.context() as patch:
         patch.setattr(store, "trim", lambda uid, upto: 0)  # killed right after the commit
         assert collection.snapshot()
