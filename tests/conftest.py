@@ -35,10 +35,8 @@ def photos(photo_arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """One real server for the session, serving the built-in default model."""
-    thread = ServerThread(make_settings(tmp_path_factory.mktemp("server-data")))
-    thread.start()
-    yield thread
-    thread.stop()
+    with ServerThread(make_settings(tmp_path_factory.mktemp("server-data"))) as thread:
+        yield thread
 
 
 @pytest.fixture()

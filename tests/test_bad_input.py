@@ -36,10 +36,8 @@ def strict_server(tmp_path_factory):
         max_message_bytes=MAX_MESSAGE,
         max_image_pixels=1_000_000,
     )
-    thread = ServerThread(settings)
-    thread.start()
-    yield thread
-    thread.stop()
+    with ServerThread(settings) as thread:
+        yield thread
 
 
 @pytest.fixture(scope="module")

@@ -256,13 +256,9 @@ def test_restart_still_hits_byte_identical(cached_server, data_dir, photos):
 
 
 def test_a_server_without_cache_says_so(tmp_path):
-    thread = ServerThread(make_settings(tmp_path, cache_enabled=False, models=()))
-    thread.start()
-    try:
+    with ServerThread(make_settings(tmp_path, cache_enabled=False, models=())) as thread:
         with Client(thread.address) as c:
             assert c.cache_stats().enabled is False
             with pytest.raises(FailedPrecondition, match="without a cache"):
                 c.purge_cache()
         assert not (tmp_path / "cache").exists()
-    finally:
-        thread.stop()

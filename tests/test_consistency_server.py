@@ -352,11 +352,9 @@ def test_the_cache_audit_stays_within_its_cpu_budget(tmp_path):
     """A burst of cache hits with every hit sampled: at most the budget is recomputed."""
     from helpers import encode
 
-    thread = ServerThread(
+    with ServerThread(
         make_settings(tmp_path, cache_audit_fraction=1.0, cache_audit_max_per_s=1.0)
-    )
-    thread.start()
-    try:
+    ) as thread:
         labels = {"model": "efficientnet_lite0", "version": "1"}
         rng = np.random.default_rng(11)
         images = [encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
@@ -370,5 +368,3 @@ def test_the_cache_audit_stays_within_its_cpu_budget(tmp_path):
             skipped_before
         )
         assert skipped >= 6, skipped  # 8 sampled, a budget of about one
-    finally:
-        thread.stop()

@@ -51,10 +51,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     settings = make_settings(
         tmp_path_factory.mktemp("decode-data"), models=(LEGACY, PHONE), models_dirs=(models,)
     )
-    thread = ServerThread(settings)
-    thread.start()
-    yield thread
-    thread.stop()
+    with ServerThread(settings) as thread:
+        yield thread
 
 
 @pytest.fixture(scope="module")

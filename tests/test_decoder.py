@@ -100,23 +100,19 @@ def test_a_server_without_cuda_refuses_to_load_an_nvjpeg_version(tmp_path, photo
     models = tmp_path / "models"
     models.mkdir()
     (models / "lite0_nvjpeg@1.toml").write_text(nvjpeg_manifest())
-    thread = ServerThread(make_settings(tmp_path / "data", models=(), models_dirs=(models,)))
-    thread.start()
-    try:
-        with Client(thread.address) as client:
-            with pytest.raises(FailedPrecondition, match="decoder = 'nvjpeg'") as caught:
-                client.load_model("lite0_nvjpeg")
-            assert "no CUDA device is available" in caught.value.details
-            assert client.health("model:lite0_nvjpeg@1") == "NOT_SERVING"
-            (state,) = (m for m in client.list_models() if m.identity.name == "lite0_nvjpeg")
-            assert "does not fall back to Pillow" in state.state_detail
-            with pytest.raises(FailedPrecondition, match="failed to load"):
-                client.extract([photos["chelsea"]], "lite0_nvjpeg")
-            info = client.describe_model("lite0_nvjpeg")  # the registered version still shows
-            assert info.preprocessing.decoder == "nvjpeg"
-            assert client.describe_model("efficientnet_lite0").preprocessing.decoder == "pillow"
-    finally:
-        thread.stop()
+    settings = make_settings(tmp_path / "data", models=(), models_dirs=(models,))
+    with ServerThread(settings) as thread, Client(thread.address) as client:
+        with pytest.raises(FailedPrecondition, match="decoder = 'nvjpeg'") as caught:
+            client.load_model("lite0_nvjpeg")
+        assert "no CUDA device is available" in caught.value.details
+        assert client.health("model:lite0_nvjpeg@1") == "NOT_SERVING"
+        (state,) = (m for m in client.list_models() if m.identity.name == "lite0_nvjpeg")
+        assert "does not fall back to Pillow" in state.state_detail
+        with pytest.raises(FailedPrecondition, match="failed to load"):
+            client.extract([photos["chelsea"]], "lite0_nvjpeg")
+        info = client.describe_model("lite0_nvjpeg")  # the registered version still shows
+        assert info.preprocessing.decoder == "nvjpeg"
+        assert client.describe_model("efficientnet_lite0").preprocessing.decoder == "pillow"
 
 
 # --- the host-side steps around nvJPEG, with a stand-in for the GPU decode --------------------

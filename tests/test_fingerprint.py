@@ -97,9 +97,7 @@ def test_require_fingerprint_mismatch_keeps_the_model_not_serving(tmp_path, phot
         models_dirs=(models,),
         require_fingerprints=(f"lite_pinned@1={OTHER}",),
     )
-    thread = ServerThread(settings)
-    thread.start()
-    try:
+    with ServerThread(settings) as thread:
         with Client(thread.address) as client:
             assert client.health("model:lite_pinned@1") == "NOT_SERVING"
             assert client.health() == "NOT_SERVING"
@@ -110,8 +108,6 @@ def test_require_fingerprint_mismatch_keeps_the_model_not_serving(tmp_path, phot
                 client.extract([photos["chelsea"]], "lite_pinned")
         labels = {"model": "lite_pinned", "version": "1"}
         assert METRICS.sample("embedwarden_model_serving", labels) == 0
-    finally:
-        thread.stop()
 
 
 @pytest.mark.parametrize(
@@ -188,16 +184,12 @@ def test_shipped_golden_records_are_checked_against_and_never_written(tmp_path, 
     for path in [shipped, *shipped.rglob("*")]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     data = tmp_path / "data"
-    thread = ServerThread(make_settings(data, models=(MODEL,), shipped_golden_dir=shipped))
-    thread.start()
-    try:
+    with ServerThread(make_settings(data, models=(MODEL,), shipped_golden_dir=shipped)) as thread:
         with Client(thread.address) as client:
             assert client.health(f"model:{MODEL}@1") == "SERVING"
         restart = {(o.check, o.layer): o for o in thread.app.monitor.results(MODEL, "1")}
         assert restart[("restart", "")].passed
         assert not (data / "golden").exists()
-    finally:
-        thread.stop()
         for path in [shipped, *shipped.rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
@@ -211,13 +203,9 @@ def test_a_version_missing_from_the_shipped_golden_dir_is_not_served(tmp_path):
     settings = make_settings(
         data, models=("lite_unshipped",), models_dirs=(models,), shipped_golden_dir=empty
     )
-    thread = ServerThread(settings)
-    thread.start()
-    try:
+    with ServerThread(settings) as thread:
         with Client(thread.address) as client:
             assert client.health("model:lite_unshipped@1") == "NOT_SERVING"
             state = next(m for m in client.list_models() if m.identity.name == "lite_unshipped")
         assert "--golden-dir" in state.state_detail
         assert not list(empty.iterdir()) and not (data / "golden").exists()
-    finally:
-        thread.stop()

@@ -41,9 +41,7 @@ def test_cuda_and_cpu_agree_within_the_manifest_tolerance(photo_arrays):
 
 
 def test_auto_device_serves_on_cuda(tmp_path, photos):
-    thread = ServerThread(make_settings(tmp_path, device="auto"))
-    thread.start()
-    try:
+    with ServerThread(make_settings(tmp_path, device="auto")) as thread:
         assert thread.app.device.startswith("cuda")
         with Client(thread.address) as client:
             info = client.describe_model("efficientnet_lite0")
@@ -51,8 +49,6 @@ def test_auto_device_serves_on_cuda(tmp_path, photos):
             result = client.extract([photos["chelsea"]], "efficientnet_lite0", layers="logits")
             assert int(np.argmax(result.array[0])) in {281, 282, 283, 284, 285}
             assert client.check_consistency().passed
-    finally:
-        thread.stop()
 
 
 def test_restart_and_coload_are_bit_identical_on_the_gpu(tmp_path):
@@ -146,19 +142,14 @@ def test_an_nvjpeg_version_serves_and_is_bit_identical_after_a_restart(tmp_path,
     )
     vectors = []
     for _ in range(2):  # the second start runs the restart check against the first's golden
-        thread = ServerThread(settings)
-        thread.start()
-        try:
-            with Client(thread.address) as client:
-                info = client.describe_model("lite0_nvjpeg")
-                assert info.preprocessing.decoder == "nvjpeg"
-                assert info.summary.identity.fingerprint != MANIFEST.fingerprint()
-                options = {"layers": "features", "cache": "off"}
-                got = client.extract(inputs, "lite0_nvjpeg", **options)
-                pillow = client.extract(inputs, "efficientnet_lite0", **options)
-                assert client.check_consistency("lite0_nvjpeg").passed
-        finally:
-            thread.stop()
+        with ServerThread(settings) as thread, Client(thread.address) as client:
+            info = client.describe_model("lite0_nvjpeg")
+            assert info.preprocessing.decoder == "nvjpeg"
+            assert info.summary.identity.fingerprint != MANIFEST.fingerprint()
+            options = {"layers": "features", "cache": "off"}
+            got = client.extract(inputs, "lite0_nvjpeg", **options)
+            pillow = client.extract(inputs, "efficientnet_lite0", **options)
+            assert client.check_consistency("lite0_nvjpeg").passed
         vectors.append(got.array)
         a, b = got.array, pillow.array
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -79,10 +79,8 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """A server with no model loaded (collections of vectors only)."""
-    thread = ServerThread(make_settings(tmp_path_factory.mktemp("bare"), models=()))
-    thread.start()
-    yield thread
-    thread.stop()
+    with ServerThread(make_settings(tmp_path_factory.mktemp("bare"), models=())) as thread:
+        yield thread
 
 
 @pytest.fixture()

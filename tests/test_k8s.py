@@ -145,9 +145,7 @@ def test_health_port_answers_health_only_and_live_stays_serving_for_a_drained_mo
         require_fingerprints=(f"efficientnet_lite0@1={'0' * 64}",),
         health_port=0,
     )
-    thread = ServerThread(settings)
-    thread.start()
-    try:
+    with ServerThread(settings) as thread:
         assert thread.app.health_port not in (0, thread.app.port)
         with Client(f"127.0.0.1:{thread.app.health_port}") as health:
             assert health.health("live") == "SERVING"
@@ -156,8 +154,6 @@ def test_health_port_answers_health_only_and_live_stays_serving_for_a_drained_mo
             with pytest.raises(EmbedwardenError) as caught:
                 health.list_models()
             assert caught.value.code is grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        thread.stop()
 
 
 def test_queue_depth_carries_the_fingerprint_label_the_hpa_selects(client, photos):

@@ -48,10 +48,8 @@ def server(tmp_path_factory):
     (models / "mobilenetv2@1.toml").write_text(
         keras_manifest("MobileNetV2", KERAS_FILE, size=96, options={"alpha": 0.35})
     )
-    thread = ServerThread(make_settings(root / "data", models_dirs=(models,)))
-    thread.start()
-    yield thread
-    thread.stop()
+    with ServerThread(make_settings(root / "data", models_dirs=(models,))) as thread:
+        yield thread
     mp.undo()
 
 

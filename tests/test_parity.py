@@ -147,10 +147,8 @@ def server(tmp_path_factory):
         ),
         check_interval_s=3600.0,
     )
-    thread = ServerThread(settings)
-    thread.start()
-    yield thread
-    thread.stop()
+    with ServerThread(settings) as thread:
+        yield thread
 
 
 @pytest.fixture()

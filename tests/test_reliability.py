@@ -82,11 +82,9 @@ def test_overload_sheds_excess_quickly_and_recovers(tmp_path):
 
 
 def test_an_expired_deadline_cancels_queued_work(tmp_path, photos):
-    thread = ServerThread(
+    with ServerThread(
         make_settings(tmp_path, max_batch_size=1, max_queue_items=128, cache_enabled=False)
-    )
-    thread.start()
-    try:
+    ) as thread:
         labels = {"model": MODEL, "version": "1"}
         images = _distinct_jpegs(64, seed=2)
         with Client(thread.address, retries=0) as c:
@@ -101,8 +99,6 @@ def test_an_expired_deadline_cancels_queued_work(tmp_path, photos):
             ran = (METRICS.sample("embedwarden_batch_size_sum", labels) or 0.0) - before
             assert ran < 32, f"{ran} of 64 inputs ran after their deadline expired"
             assert c.extract([photos["coffee"]], MODEL).array.shape == (1, 1280)
-    finally:
-        thread.stop()
 
 
 @pytest.mark.slow

@@ -61,10 +61,8 @@ def token_server(tmp_path_factory):
     tokens = {
         role: new_token(tokens_file, f"{role}-1", role) for role in ("reader", "writer", "admin")
     }
-    thread = ServerThread(make_settings(folder / "data", tokens_file=tokens_file))
-    thread.start()
-    yield thread, tokens
-    thread.stop()
+    with ServerThread(make_settings(folder / "data", tokens_file=tokens_file)) as thread:
+        yield thread, tokens
 
 
 def test_missing_or_unknown_tokens_are_unauthenticated(token_server, photos):
@@ -183,10 +181,8 @@ def mtls_server(tmp_path_factory):
         tls_client_ca=certs["ca"],
         tokens_file=tokens_file,
     )
-    thread = ServerThread(settings)
-    thread.start()
-    yield thread, certs, token
-    thread.stop()
+    with ServerThread(settings) as thread:
+        yield thread, certs, token
 
 
 def test_mutual_tls_with_a_token_serves(mtls_server, photos):

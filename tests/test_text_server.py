@@ -59,17 +59,15 @@ def reference_pooled(texts: list[str]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    thread = ServerThread(
+    with ServerThread(
         make_settings(
             tmp_path_factory.mktemp("text-server"),
             models=("efficientnet_lite0", TORCH, ONNX),
             cache_audit_fraction=1.0,
             cache_audit_max_per_s=1000.0,
         )
-    )
-    thread.start()
-    yield thread
-    thread.stop()
+    ) as thread:
+        yield thread
 
 
 @pytest.fixture()

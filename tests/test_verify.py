@@ -49,16 +49,14 @@ RESAMPLE = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    thread = ServerThread(
+    with ServerThread(
         make_settings(
             tmp_path_factory.mktemp("verify-data"),
             verify_diagnosis_items=4,
             verify_diagnosis_seconds=60.0,
         )
-    )
-    thread.start()
-    yield thread
-    thread.stop()
+    ) as thread:
+        yield thread
 
 
 @pytest.fixture()
