@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from embedwarden.server.testing import ServerProcess
 
-__all__ = ["ServerProcess", "machine", "percentiles", "photo_jpegs"]
+__all__ = ["ServerProcess", "concurrently", "machine", "percentiles", "photo_jpegs"]
 
 
 def machine() -> dict[str, Any]:
@@ -93,3 +95,14 @@ def write_json(results: dict[str, Any], path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def concurrently(worker: Callable[[int], None], clients: int) -> float:
+    """Runs `worker(k)` on `clients` threads at once; returns the wall seconds until all end."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started

@@ -23,7 +23,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -36,10 +35,17 @@ from embedwarden.client import Client
 from embedwarden.v1 import embedding_pb2, types_pb2
 
 try:
-    from bench._common import ServerProcess, machine, percentiles, photo_jpegs, write_json
+    from bench._common import (
+        ServerProcess,
+        concurrently,
+        machine,
+        percentiles,
+        photo_jpegs,
+        write_json,
+    )
 except ImportError:  # run as a script from bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ServerProcess, machine, percentiles, photo_jpegs, write_json  # type: ignore
+    from _common import ServerProcess, concurrently, machine, percentiles, photo_jpegs, write_json  # type: ignore
 
 MODEL = "efficientnet_lite0"
 EXTRACT = "/embedwarden.v1.EmbeddingService/Extract"
@@ -118,13 +124,8 @@ def throughput(call: Callable[[], Any], items: int, seconds: float, clients: int
             call()
             done[k] += items
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done) / (time.perf_counter() - started)
+    wall = concurrently(worker, clients)  # before the sum: the workers fill `done`
+    return sum(done) / wall
 
 
 def latency(a: Callable[[], Any], b: Callable[[], Any], n: int) -> tuple[list[float], list[float]]:

@@ -25,10 +25,18 @@ import numpy as np
 from embedwarden.client import Client
 
 try:
-    from bench._common import ServerProcess, machine, percentiles, photo_jpegs, write_json
+    from bench._common import (
+        ServerProcess,
+        concurrently,
+        machine,
+        percentiles,
+        photo_jpegs,
+        write_json,
+    )
 except ImportError:  # run as a script from bench/
     from _common import (  # type: ignore[no-redef]
         ServerProcess,
+        concurrently,
         machine,
         percentiles,
         photo_jpegs,
@@ -172,20 +180,15 @@ def server_throughput(
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
 
-    def worker() -> None:
+    def worker(_k: int) -> None:
         with Client(address, timeout=120) as c:
             while time.perf_counter() < stop:
                 c.extract(inputs.take(per_request), MODEL, layers="features", pooling="avg")
                 with lock:
                     counter[0] += per_request
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return counter[0] / (time.perf_counter() - started)
+    wall = concurrently(worker, clients)  # before the count: the workers fill it
+    return counter[0] / wall
 
 
 def server_latency(address: str, inputs: DistinctInputs, count: int) -> dict[str, float]:

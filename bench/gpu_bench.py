@@ -32,11 +32,11 @@ import numpy as np
 from embedwarden.client import Client
 
 try:
-    from bench._common import ServerProcess, machine, photo_jpegs, write_json
+    from bench._common import ServerProcess, concurrently, machine, photo_jpegs, write_json
     from bench.extract_bench import DistinctInputs
 except ImportError:  # run as a script from bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ServerProcess, machine, photo_jpegs, write_json  # type: ignore
+    from _common import ServerProcess, concurrently, machine, photo_jpegs, write_json  # type: ignore
     from extract_bench import DistinctInputs  # type: ignore
 
 MODEL = "efficientnet_lite0"
@@ -114,7 +114,7 @@ def server(
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
 
-    def worker() -> None:
+    def worker(_k: int) -> None:
         with Client(address, timeout=120) as c:
             while time.perf_counter() < stop:
                 result = c.extract(inputs.take(BATCH), model, layers="features", pooling="avg")
@@ -124,13 +124,7 @@ def server(
                     if t["total"] > 0:
                         shares.append(t["preprocess"] / t["total"])
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = concurrently(worker, clients)
     return {"images_per_s": counter[0] / wall, "decode_share": statistics.fmean(shares or [0.0])}
 
 
