@@ -8,7 +8,6 @@ served: `last_hidden_state` (layer node `hidden.<last>`) and `pooled` over it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,8 +15,7 @@ import numpy as np
 from .._errors import FailedPrecondition, ManifestError
 from .._frameworks import import_torch
 from ..models import Manifest
-from ._text_common import load_tokenizer, run_per_text
-from ._transformers import token_nodes
+from ._text_common import load_tokenizer, run_per_text, token_nodes
 
 OUTPUT = "last_hidden_state"
 
@@ -58,7 +56,7 @@ class OnnxTextBackbone:
                 f"{manifest.ref}: an ONNX export serves its last hidden state only "
                 f"(hidden.{self.last})"
             )
-        self._digest = hashlib.sha256(weights).hexdigest()
+        self._digest = manifest.weights.sha256  # `weights` were verified against it
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         feeds = {"input_ids": ids, "attention_mask": mask}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -175,3 +176,24 @@ def pool_text(tokens: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
         norm = np.float32(np.sqrt(np.dot(vector, vector)))
         vector = vector / max(norm, np.float32(1e-12))
     return np.ascontiguousarray(vector, dtype=np.float32)
+
+
+HIDDEN_RE = re.compile(r"^hidden\.(\d+)$")
+
+
+def token_nodes(manifest: Manifest) -> tuple[dict[str, int], str | None]:
+    """Layer name -> hidden-state index for token layers; the name of the pooled layer."""
+    wanted: dict[str, int] = {}
+    pooled = None
+    for layer in manifest.layers:
+        match = HIDDEN_RE.match(layer.node)
+        if match:
+            wanted[layer.name] = int(match.group(1))
+        elif layer.node == "pooled":
+            pooled = layer.name
+        else:
+            raise ManifestError(
+                f"{manifest.ref}: layer {layer.name!r} node {layer.node!r}: text layers tap "
+                "'hidden.<k>' or 'pooled'"
+            )
+    return wanted, pooled

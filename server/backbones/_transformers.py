@@ -9,7 +9,6 @@ manifest's pooling over the last one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,32 +16,13 @@ import numpy as np
 from .._errors import ManifestError
 from .._frameworks import import_torch
 from ..models import Manifest
-from ._text_common import load_tokenizer, run_per_text, set_offline
+from ._text_common import load_tokenizer, run_per_text, set_offline, token_nodes
 from ._torch import module_checksum
 
 torch = import_torch()
 
-HIDDEN_RE = re.compile(r"^hidden\.(\d+)$")
 # Buffers that older `transformers` saved and current versions recompute (non-persistent).
 DERIVED_KEYS = ("embeddings.position_ids",)
-
-
-def token_nodes(manifest: Manifest) -> tuple[dict[str, int], str | None]:
-    """Layer name -> hidden-state index for token layers; the name of the pooled layer."""
-    wanted: dict[str, int] = {}
-    pooled = None
-    for layer in manifest.layers:
-        match = HIDDEN_RE.match(layer.node)
-        if match:
-            wanted[layer.name] = int(match.group(1))
-        elif layer.node == "pooled":
-            pooled = layer.name
-        else:
-            raise ManifestError(
-                f"{manifest.ref}: layer {layer.name!r} node {layer.node!r}: text layers tap "
-                "'hidden.<k>' or 'pooled'"
-            )
-    return wanted, pooled
 
 
 class TransformersBackbone:
