@@ -122,10 +122,10 @@ class FailureLog:
         self._count = 0  # failures since the last line
         self._last = -float("inf")
 
-    def failed(self, detail: str, n: int = 1) -> None:
+    def failed(self, detail: str) -> None:
         now = time.monotonic()
         with self._lock:
-            self._count += n
+            self._count += 1
             if now - self._last < self._interval:
                 return
             count, self._count, self._last = self._count, 0, now

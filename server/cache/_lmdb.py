@@ -83,12 +83,11 @@ class LmdbCache:
         max_pending_bytes: int | None = None,
         max_group_bytes: int | None = None,
         reserve: int | None = None,
-        failure_log_interval_s: float = 60.0,
     ) -> None:
         """`reserve`: bytes to leave free on the filesystem (None: bounded by `max_bytes`)."""
         self.path = path
         self.db = CacheDB(path, max_bytes, reserve_bytes=reserve)
-        self._failures = FailureLog(log, "cache write", failure_log_interval_s)
+        self._failures = FailureLog(log, "cache write")
         self.keys = KeyMaker().many
         bound = self.db.max_bytes
         self.hits = self.misses = self.corrupt = self.evictions = self.dropped = 0
