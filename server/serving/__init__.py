@@ -7,6 +7,7 @@ reach a loaded model only through `ModelManager` and `ExtractionService`.
 
 from ._batching import ItemOutput
 from ._extraction import (
+    BACKGROUND_CHUNK,
     CacheHit,
     CacheMode,
     Embedding,
@@ -20,6 +21,7 @@ from ._extraction import (
 from ._manager import LoadedModel, ModelIdentity, ModelManager, ModelState, model_folder
 
 __all__ = [
+    "BACKGROUND_CHUNK",
     "CacheHit",
     "CacheMode",
     "Embedding",

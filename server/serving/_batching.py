@@ -194,7 +194,7 @@ class DynamicBatcher:
             if live:
                 self._run(live)
             with self._cond:
-                if batch and batch[0].background:
+                if batch and batch[0].background:  # empty: another lane took the queue
                     self._background_lanes -= 1
                     self._cond.notify_all()  # the next background batch may go
                 else:

@@ -327,17 +327,15 @@ class ExtractionService:
         layers: list[str],
         background: bool,
     ) -> list[tuple[ItemOutput, float]]:
-        if not background:
-            with model.batcher.reserve(len(todo)):  # refused before any decoding when full
-                return await _gather_or_cancel(
-                    [self._compute(model, i, sources[i], layers) for i in todo]
-                )
+        # Foreground: one reservation for the whole request, refused before any decoding when
+        # full. Background: a few inputs at a time, so they never hold many slots ahead.
+        step = BACKGROUND_CHUNK if background else max(len(todo), 1)
         outputs: list[tuple[ItemOutput, float]] = []
-        for start in range(0, len(todo), BACKGROUND_CHUNK):
-            chunk = todo[start : start + BACKGROUND_CHUNK]
-            with model.batcher.reserve(len(chunk), background=True):
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            with model.batcher.reserve(len(chunk), background):
                 outputs += await _gather_or_cancel(
-                    [self._compute(model, i, sources[i], layers, True) for i in chunk]
+                    [self._compute(model, i, sources[i], layers, background) for i in chunk]
                 )
         return outputs
 
@@ -347,7 +345,7 @@ class ExtractionService:
         index: int,
         source: InputSource,
         layers: list[str],
-        background: bool = False,
+        background: bool,
     ) -> tuple[ItemOutput, float]:
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
