@@ -20,13 +20,23 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
+from PIL import Image
 
 from .._errors import InvalidInput, NotFound
 from .._metrics import METRICS
 from .._settings import Settings
 from ..consistency import Tolerance
-from ..models import ImageSource, LayerSpec, Pooling, TextInput, finish, resolve_pooling
+from ..models import (
+    DecodeSpec,
+    ImageSource,
+    LayerSpec,
+    Pooling,
+    TextInput,
+    finish,
+    resolve_pooling,
+)
 from ..serving import (
+    BACKGROUND_CHUNK,
     CacheMode,
     ExtractionService,
     ExtractOptions,
@@ -274,7 +284,8 @@ class VerificationService:
         """The catalogued mistakes ranked by how well they reproduce `submitted`."""
         reference = catalogue.reference(target.model.manifest.preprocess)
         singles = catalogue.applicable(reference, source)
-        scores = await self._score(target, source, submitted, singles)
+        images: dict[tuple[DecodeSpec, str], Image.Image | None] = {}  # decoded once each
+        scores = await self._score(target, source, submitted, singles, images)
         min_cosine = target.model.manifest.consistency.min_cosine
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
         if not ranked or ranked[0][1] < min_cosine:
@@ -285,7 +296,7 @@ class VerificationService:
                     combined = catalogue.combine(reference, a, b)
                     if combined is not None:
                         pairs.append((f"{a}{catalogue.COMBINATION}{b}", combined))
-            scores.update(await self._score(target, source, submitted, pairs))
+            scores.update(await self._score(target, source, submitted, pairs, images))
             ranked = sorted(scores.items(), key=lambda kv: -kv[1])
         return [MistakeMatch(n, c, c >= min_cosine) for n, c in ranked[:REPORTED_MATCHES]]
 
@@ -295,31 +306,52 @@ class VerificationService:
         source: ImageSource,
         submitted: np.ndarray,
         recipes: list[tuple[str, catalogue.Recipe]],
+        images: dict[tuple[DecodeSpec, str], Image.Image | None],
     ) -> dict[str, float]:
+        """Cosine to `submitted` of each recipe's vector. `images` holds `source` decoded per
+        decode contract (None: it does not decode so), filled as needed."""
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
 
-        def render(recipe: catalogue.Recipe) -> np.ndarray | None:
+        def decode(recipe: catalogue.Recipe) -> Image.Image | None:
             try:
-                return catalogue.render(recipe, source, max_pixels)
+                return catalogue.decode_for(recipe, source, max_pixels)
+            except InvalidInput:  # this pipeline's decoder refuses the file: no such mistake
+                return None
+
+        def render(recipe: catalogue.Recipe) -> np.ndarray | None:
+            image = images[catalogue.decoding(recipe)]
+            try:
+                return None if image is None else catalogue.render(recipe, image)
             except InvalidInput:  # e.g. too small for this geometry: the mistake can't apply
                 return None
 
-        rendered = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, render, recipe) for _, recipe in recipes)
-        )
-        named = [(name, t) for (name, _), t in zip(recipes, rendered, strict=True) if t is not None]
-        if not named:
-            return {}
         batcher = target.model.batcher
         layer = [target.layer.name]
-        with batcher.reserve(len(named), background=True):
-            futures = [batcher.submit(t, layer, background=True) for _, t in named]
-            outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return {
-            name: cosine(target.finish(out.outputs[target.layer.name]), submitted)
-            for (name, _), out in zip(named, outputs, strict=True)
-        }
+        scores: dict[str, float] = {}
+        # A few recipes at a time, slots first (as every request takes them): background work
+        # never holds the decode pool or the queue far ahead of foreground requests.
+        for start in range(0, len(recipes), BACKGROUND_CHUNK):
+            chunk = recipes[start : start + BACKGROUND_CHUNK]
+            with batcher.reserve(len(chunk), background=True):
+                todo = {
+                    catalogue.decoding(r): r
+                    for _, r in chunk
+                    if catalogue.decoding(r) not in images
+                }
+                decoded = await asyncio.gather(
+                    *(loop.run_in_executor(self.executor, decode, r) for r in todo.values())
+                )
+                images.update(zip(todo, decoded, strict=True))
+                rendered = await asyncio.gather(
+                    *(loop.run_in_executor(self.executor, render, recipe) for _, recipe in chunk)
+                )
+                named = [(n, t) for (n, _), t in zip(chunk, rendered, strict=True) if t is not None]
+                futures = [batcher.submit(t, layer, background=True) for _, t in named]
+                outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            for (name, _), out in zip(named, outputs, strict=True):
+                scores[name] = cosine(target.finish(out.outputs[target.layer.name]), submitted)
+        return scores
 
 
 def _is_class_layer(model: LoadedModel, target: _Target) -> bool:
