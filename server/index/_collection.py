@@ -380,17 +380,18 @@ class Collection:
                 seq = self.seq
                 needed = self.engine.nbytes() + SNAPSHOT_HEADROOM
                 folder = self.store.collection_dir(self.spec.uid)
-                if free_bytes(folder) < needed:  # don't fill the disk the log needs
+                free = free_bytes(folder)
+                if free < needed:  # don't fill the disk the log needs
                     raise DiskFull(
                         f"snapshot of {self.spec.name!r} needs about {needed:,} bytes; "
-                        f"{free_bytes(folder):,} are free in {folder}"
+                        f"{free:,} are free in {folder}"
                     )
                 tmp = self.store.snapshot_tmp(self.spec.uid, seq)
                 started = time.perf_counter()
                 try:
                     write_index(self.engine.index, tmp)
                 except BaseException:
-                    tmp.unlink(missing_ok=True)
+                    self.store.discard_snapshot(self.spec.uid, seq)
                     raise
                 meta = {
                     "format": SNAPSHOT_FORMAT,

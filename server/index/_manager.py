@@ -347,10 +347,6 @@ class IndexManager:
             METRICS.storage_write_failures.labels("index", "disk_full").inc()
             raise disk_full(self.settings.data_dir, what) from None
 
-    def _write(self, what: str, fn: Callable[..., T], *args: object) -> T:
-        with self._disk_full_is_resource_exhausted(what):
-            return fn(*args)
-
     # --- writes and searches -----------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -386,7 +382,8 @@ class IndexManager:
         if spec.metric is Metric.COSINE:
             matrix = normalize_rows(matrix, "items")
         what = f"upsert of {len(ids)} vectors into {name!r}"
-        result = await self.run_write(lambda: self._write(what, collection.upsert, ids, matrix))
+        with self._disk_full_is_resource_exhausted(what):
+            result = await self.run_write(collection.upsert, ids, matrix)
         if collection.wants_rebuild():
             self._wake.set()
         return result
@@ -396,7 +393,8 @@ class IndexManager:
         collection.check_usable()
         checked = check_ids(ids, "ids", unique=False)
         what = f"removal of {len(checked)} ids from {name!r}"
-        result = await self.run_write(lambda: self._write(what, collection.remove, checked))
+        with self._disk_full_is_resource_exhausted(what):
+            result = await self.run_write(collection.remove, checked)
         if collection.wants_rebuild():
             self._wake.set()
         return result

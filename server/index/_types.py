@@ -307,11 +307,7 @@ def as_matrix(vectors: Sequence[np.ndarray], dimension: int, what: str) -> np.nd
                 f"of shape [{dimension}]"
             )
         rows.append(v)
-    matrix = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        raise InvalidInput(f"{what}[{int(np.argmin(finite))}]: vector holds NaN or infinity")
-    return matrix
+    return as_batch(np.stack(rows), dimension, what)
 
 
 def as_batch(batch: np.ndarray, dimension: int, what: str) -> np.ndarray:
