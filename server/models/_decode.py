@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -112,8 +113,9 @@ RECOMMENDED = replace(
 )
 
 
-def decode_table(spec: DecodeSpec) -> dict[str, object]:
-    """`spec` as a manifest's [decode] table (every key, for the manifest writers)."""
+def decode_table(spec: DecodeSpec) -> dict[str, Any]:
+    """`spec` as a manifest's [decode] table (every key: for the manifest writers, and the
+    fields of DescribeModel's `Decoding`)."""
     return {
         "formats": list(spec.formats),
         "exif": spec.exif,

@@ -20,6 +20,7 @@ from ..models import (
     Registry,
     TextInput,
     allowed_poolings,
+    decode_table,
     parse_fingerprint,
 )
 from ..serving import (
@@ -198,18 +199,7 @@ def describe_model(
             mean=p.mean,
             std=p.std,
             layout=p.layout,
-            decoding=embedding_pb2.Decoding(
-                formats=p.decode.formats,
-                exif=p.decode.exif,
-                icc=p.decode.icc,
-                alpha=p.decode.alpha,
-                background=p.decode.background,
-                grayscale=p.decode.grayscale,
-                palette=p.decode.palette,
-                cmyk=p.decode.cmyk,
-                sixteen_bit=p.decode.sixteen_bit,
-                frames=p.decode.frames,
-            ),
+            decoding=embedding_pb2.Decoding(**decode_table(p.decode)),
         ),
         dtype=manifest.numerics.dtype,
         deterministic=manifest.numerics.deterministic,
