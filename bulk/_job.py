@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -429,12 +429,12 @@ def extract_to_parquet(
                 continue
         todo.append(path)
     all_inputs = sorted(set(state.inputs) | set(paths))
+    spec = JobSpec(
+        manifest.name, manifest.version, fingerprint, layer, pooling, dtype, dimension,
+        state.golden_id,
+    )  # fmt: skip
+    summary = Summary(spec, len(paths), len(paths) - len(todo), 0, 0, 0.0)
     if not todo:
-        spec = JobSpec(
-            manifest.name, manifest.version, fingerprint, layer, pooling, dtype, dimension,
-            state.golden_id,
-        )  # fmt: skip
-        summary = Summary(spec, len(paths), len(paths), 0, 0, 0.0)
         if not state.inputs or set(paths) - set(state.inputs):
             write_inputs(out, all_inputs, spec)
     else:
@@ -444,11 +444,7 @@ def extract_to_parquet(
                 manifest.name, manifest.version, data_dir, models_dirs, device, threads
             )
             golden_id = f"{folder}:{hashlib.sha256(files['record.json']).hexdigest()[:16]}"
-            spec = JobSpec(
-                manifest.name, manifest.version, fingerprint, layer, pooling, dtype, dimension,
-                golden_id,
-            )  # fmt: skip
-            summary = Summary(spec, len(paths), len(paths) - len(todo), 0, 0, 0.0)
+            summary.spec = spec = replace(spec, golden_id=golden_id)
             config = ActorConfig(
                 manifest.name,
                 manifest.version,
