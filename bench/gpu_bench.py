@@ -33,11 +33,11 @@ from embedwarden.client import Client
 
 try:
     from bench._common import ServerProcess, concurrently, machine, photo_jpegs, write_json
-    from bench.extract_bench import DistinctInputs
+    from bench.extract_bench import DistinctInputs, _images_per_s
 except ImportError:  # run as a script from bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import ServerProcess, concurrently, machine, photo_jpegs, write_json  # type: ignore
-    from extract_bench import DistinctInputs  # type: ignore
+    from extract_bench import DistinctInputs, _images_per_s  # type: ignore
 
 MODEL = "efficientnet_lite0"
 NVJPEG_MODEL = "lite0_nvjpeg"  # the same version with decoder = "nvjpeg"
@@ -94,16 +94,13 @@ def in_process(
         [finish(o, layer, Pooling.AVG, False, "float32") for o in out]
 
     run(images[:BATCH])  # warm-up
-    decode_s, done, i = 0.0, 0, 0
+    decode_s = 0.0
     started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run([images[(i + k) % len(images)] for k in range(BATCH)])
-        done += BATCH
-        i += BATCH
+    rate = _images_per_s(run, images, BATCH, seconds)
     wall = time.perf_counter() - started
     backbone.close()
     pool.shutdown()
-    return {"images_per_s": done / wall, "decode_share": decode_s / wall}
+    return {"images_per_s": rate, "decode_share": decode_s / wall}
 
 
 def server(
