@@ -8,7 +8,7 @@
 #
 # Works with an interpreter that has torch preinstalled (e.g. Python 3.12) and only the project's
 # other dependencies added: it imports the project from this checkout without installing it (the
-# same import-name links scripts/typecheck.sh makes) and lists what is missing instead of
+# same import-name links as scripts/typecheck.sh, from scripts/_import_links.sh) and lists what is missing instead of
 # installing anything. Without CUDA it says so and exits 0, running nothing.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        (PYTHON=python3.12 to choose the interpreter)
@@ -36,10 +36,8 @@ if [ -n "$missing" ]; then
     exit 1
 fi
 
-mkdir -p build/typing/embedwarden "$OUT"
-ln -sfn ../../../server build/typing/embedwarden/server
-ln -sfn ../../../client build/typing/embedwarden/client
-ln -sfn ../../../proto/embedwarden/v1 build/typing/embedwarden/v1
+mkdir -p "$OUT"
+. scripts/_import_links.sh
 export PYTHONPATH="$PWD/build/typing:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
