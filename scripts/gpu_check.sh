@@ -7,9 +7,9 @@
 # decoded on the GPU or on the CPU pool). Meant to finish within 8 minutes on 16 cores.
 #
 # Works with an interpreter that has torch preinstalled (e.g. Python 3.12) and only the project's
-# other dependencies added: it imports the project from this checkout without installing it (the
-# same import-name links as scripts/typecheck.sh, from scripts/_import_links.sh) and lists what is missing instead of
-# installing anything. Without CUDA it says so and exits 0, running nothing.
+# other dependencies added: it imports the project from this checkout without installing it
+# (the import-name links of scripts/_import_links.sh, as typecheck.sh does) and lists what is
+# missing instead of installing anything. Without CUDA it says so and exits 0, running nothing.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        (PYTHON=python3.12 to choose the interpreter)
 set -uo pipefail
