@@ -107,6 +107,9 @@ class Collection:
         self.engine = engine
         self.label_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
+        # id_of again, as an array indexed by label (None where free): a search maps its
+        # labels with one gather instead of two dict lookups per hit (~0.5 ms per 64 x 10).
+        self._names: np.ndarray = np.empty(0, dtype=object)
         self.next_label = 0
         self.seq = 0  # last logged entry
         self.visible_seq = 0  # last entry searches can see
@@ -162,6 +165,7 @@ class Collection:
             collection = cls(spec, store, engine)
             collection.id_of = dict(zip(meta["labels"], meta["ids"], strict=True))
             collection.label_of = {v: k for k, v in collection.id_of.items()}
+            collection._name(np.asarray(meta["labels"], np.int64), meta["ids"])
             collection.next_label = int(meta["next_label"])
             collection.seq = collection.visible_seq = collection.snapshot_seq = snapshot.seq
             # A kill between a snapshot's commit and its trim leaves covered entries behind.
@@ -300,11 +304,24 @@ class Collection:
                     del self.id_of[previous]
                 self.label_of[value] = label
                 self.id_of[label] = value
+            self._name(old, None)
+            self._name(labels, list(ids))
             self.next_label = base + len(ids)
         if self._journal is not None:
             self._journal.append(_Change(labels, vectors, old))
         self._dirty = True
         return len(old)
+
+    def _name(self, labels: np.ndarray, ids: list[str] | None) -> None:
+        """Sets `_names[labels]` to `ids` (None: the labels are free), growing it as needed."""
+        if not len(labels):
+            return
+        top = int(labels.max())
+        if top >= len(self._names):
+            grown = np.empty(max(top + 1, 2 * len(self._names), 1024), dtype=object)
+            grown[: len(self._names)] = self._names
+            self._names = grown
+        self._names[labels] = ids
 
     def _apply_remove(self, ids: Sequence[str]) -> None:
         labels = np.fromiter((self.label_of[i] for i in ids), dtype=np.int64)
@@ -312,6 +329,7 @@ class Collection:
             self.engine.remove(labels.tolist())
             for value in ids:
                 del self.id_of[self.label_of.pop(value)]
+            self._name(labels, None)
         if self._journal is not None:
             self._journal.append(_Change(labels[:0], None, labels))
         self._dirty = True
@@ -334,14 +352,19 @@ class Collection:
                     raise NotFound(f"queries[{row}]: id {value!r} is not in {self.spec.name!r}")
                 queries[row] = self.engine.reconstruct(label)
             distances, labels = self.engine.search(queries, k, overrides)
-            id_of = self.id_of
+            names = self._names
+            if not len(names):
+                return [[] for _ in range(len(labels))]
+            known = (labels >= 0) & (labels < len(names))  # FAISS pads missing hits with -1
+            found = names[np.where(known, labels, 0)]
+            found[~known] = None
             return [
                 [
-                    (id_of[label], score)
-                    for label, score in zip(row_labels.tolist(), row_scores.tolist(), strict=True)
-                    if label >= 0 and label in id_of
+                    (value, score)
+                    for value, score in zip(row, scores, strict=True)
+                    if value is not None
                 ]
-                for row_labels, row_scores in zip(labels, distances, strict=True)
+                for row, scores in zip(found.tolist(), distances.tolist(), strict=True)
             ]
 
     def info(self, check: bool = False) -> CollectionInfo:
