@@ -60,3 +60,12 @@ def test_payload_bytes_that_look_like_the_template_are_kept_verbatim() -> None:
     framing = np.frombuffer(bytes(range(0x08, 0x28)) * 4, dtype=np.float32).copy()
     items = [[Embedding("features", framing, "C", True)] for _ in range(3)]
     assert templated(items) == reference(items)
+
+
+def test_single_item_responses_reuse_a_template_across_calls() -> None:
+    # Each response holds one item; from the second call on its shape's template is reused,
+    # and every call must still carry its own data.
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        items = [[Embedding("pooled", rng.standard_normal(384).astype(np.float32), "C", True)]]
+        assert templated(items) == reference(items)

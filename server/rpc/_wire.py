@@ -26,6 +26,10 @@ _SWAPPED = ">" if sys.byteorder == "little" else "="  # byte orders that are not
 MIN_PLACEHOLDER = 16  # shorter data could match template bytes by chance: no template
 _UNSEEN: list[bytes] = []  # sentinels in the template table
 _SEEN_ONCE: list[bytes] = []
+# Templates outlive a request, so that single-item responses use them too (~30 us less per
+# cache hit); a server sees few item shapes, and the table starts over if it ever fills.
+MAX_TEMPLATES = 1024
+_templates: dict[tuple[Any, ...], list[bytes] | None] = {}
 
 
 def _embedding(e: Embedding, data: bytes | None = None) -> embedding_pb2.LayerEmbedding:
@@ -83,7 +87,9 @@ def _data(array: np.ndarray) -> memoryview:
 
 def encode_items(items: Sequence[Sequence[Embedding]]) -> bytes:
     """The `items` fields of an ExtractResponse, in order, in wire format."""
-    templates: dict[tuple[Any, ...], list[bytes] | None] = {}
+    templates = _templates
+    if len(templates) > MAX_TEMPLATES:
+        templates.clear()
     parts: list[bytes | memoryview] = []
     add = parts.append
     for row in items:
