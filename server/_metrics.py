@@ -9,7 +9,7 @@ the process collector is registered on it too.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -83,8 +83,16 @@ class Metrics:
         # one fingerprint's replicas selects its own queue through prometheus-adapter.
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
-            "Inputs waiting for inference, per model.",
+            "Inputs of requests waiting for inference, per model (background work excluded).",
             ["model", "version", "fingerprint"],
+            registry=r,
+        )
+        # Apart from queue_depth, which the HPA scales on: background work (Verify's diagnosis)
+        # only ever runs on idle lanes, and more replicas would not make it any sooner.
+        self.background_queue_depth = Gauge(
+            f"{PREFIX}_background_queue_depth",
+            "Background inputs (Verify's diagnosis) waiting for an idle inference lane.",
+            ["model", "version"],
             registry=r,
         )
         self.rejected = Counter(
@@ -287,6 +295,19 @@ class Metrics:
         for stage, seconds in stages.items():
             self.stage_latency.labels(model, version, stage).observe(seconds)
 
+    def depth_setter(
+        self, model: str, version: str, fingerprint: str
+    ) -> Callable[[int, int], None]:
+        """Sets the foreground and background queue depths of one model version."""
+        foreground = self.queue_depth.labels(model, version, fingerprint_label(fingerprint))
+        background = self.background_queue_depth.labels(model, version)
+
+        def set_depths(waiting: int, waiting_background: int) -> None:
+            foreground.set(waiting)
+            background.set(waiting_background)
+
+        return set_depths
+
     def set_flags(self, flags: Mapping[str, str]) -> None:
         self.process_flags.info(dict(flags))
 
@@ -294,6 +315,7 @@ class Metrics:
         """Drops per-model gauges of an unloaded model so dashboards don't show stale values."""
         self.model_serving.labels(model, version).set(0)
         self.queue_depth.labels(model, version, fingerprint_label(fingerprint)).set(0)
+        self.background_queue_depth.labels(model, version).set(0)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP exporter; returns the bound port (port 0 picks a free one)."""

@@ -223,3 +223,29 @@ def test_background_items_yield_to_foreground_ones_and_use_one_lane_at_a_time():
     assert most == 1, "two background batches ran side by side"
     assert done_before <= 6, f"{done_before} background items ran before the foreground one"
     assert order.count("bg") == 20 and order.count("fg") == 1
+
+
+def test_the_depth_callback_keeps_background_work_apart():
+    # The HPA scales on the foreground depth: background items (Verify's diagnosis) must not
+    # count there, since more replicas would not run them any sooner.
+    run = Recorder()
+    run.gate.clear()
+    seen: list[tuple[int, int]] = []
+    batcher = DynamicBatcher(
+        "m",
+        run,
+        max_batch_size=1,
+        max_queue_delay_s=0,
+        max_queue_items=10,
+        on_depth=lambda waiting, background: seen.append((waiting, background)),
+    )
+    held = batcher.submit(np.zeros(1, np.float32), ["a"])
+    _wait_until(lambda: batcher.depth == 0)  # the only lane holds it, blocked on the gate
+    later = [batcher.submit(np.zeros(1, np.float32), ["a"], background=True) for _ in range(3)]
+    later.append(batcher.submit(np.zeros(1, np.float32), ["a"]))
+    assert seen[-4:] == [(0, 1), (0, 2), (0, 3), (1, 3)]
+    run.gate.set()
+    for future in [held, *later]:
+        future.result(5)
+    batcher.close()
+    assert seen[-1] == (0, 0)

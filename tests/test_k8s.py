@@ -160,3 +160,6 @@ def test_queue_depth_carries_the_fingerprint_label_the_hpa_selects(client, photo
     client.extract([photos["chelsea"]], "efficientnet_lite0", cache="off")
     labels = {"model": "efficientnet_lite0", "version": "1", "fingerprint": FINGERPRINT[:16]}
     assert METRICS.sample("embedwarden_queue_depth", labels) == 0.0  # idle again
+    # Verify's background diagnosis waits in a gauge of its own, which the HPA does not read.
+    background = {"model": "efficientnet_lite0", "version": "1"}
+    assert METRICS.sample("embedwarden_background_queue_depth", background) == 0.0

@@ -65,7 +65,7 @@ class DynamicBatcher:
         max_queue_delay_s: float,
         max_queue_items: int,
         on_batch: Callable[[int, float], None] | None = None,
-        on_depth: Callable[[int], None] | None = None,
+        on_depth: Callable[[int, int], None] | None = None,
         workers: int = 1,
         background_batch_size: int = 2,
     ) -> None:
@@ -112,10 +112,10 @@ class DynamicBatcher:
                     f"{self.max_queue_items}); retry with backoff"
                 )
             queue.append(_Item(tensor, tuple(layers), future, time.perf_counter(), background))
-            depth = len(self._queue) + len(self._background)
+            depth = len(self._queue), len(self._background)
             self._cond.notify_all() if background else self._cond.notify()
         if self._on_depth:
-            self._on_depth(depth)
+            self._on_depth(*depth)
         return future
 
     @contextmanager
@@ -169,9 +169,9 @@ class DynamicBatcher:
                 count = min(self.background_batch_size, len(self._background))
                 batch = [self._background.popleft() for _ in range(count)]
                 self._background_lanes += 1
-            depth = len(self._queue) + len(self._background)
+            depth = len(self._queue), len(self._background)
         if self._on_depth:
-            self._on_depth(depth)
+            self._on_depth(*depth)
         return batch
 
     def _take_foreground(self) -> list[_Item]:

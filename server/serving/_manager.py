@@ -27,7 +27,7 @@ from .._errors import (
     NotFound,
     Unavailable,
 )
-from .._metrics import METRICS, fingerprint_label
+from .._metrics import METRICS
 from .._settings import Settings
 from ..backbones import Backbone, load_backbone
 from ..models import (
@@ -265,9 +265,9 @@ class ModelManager:
                 on_batch=lambda n, _s: METRICS.batch_size.labels(
                     manifest.name, manifest.version
                 ).observe(n),
-                on_depth=METRICS.queue_depth.labels(
-                    manifest.name, manifest.version, fingerprint_label(model.identity.fingerprint)
-                ).set,
+                on_depth=METRICS.depth_setter(
+                    manifest.name, manifest.version, model.identity.fingerprint
+                ),
             )
             model.load_seconds = time.perf_counter() - started
             for hook in self.before_serving:
