@@ -98,36 +98,12 @@ def cmd_verify(args: argparse.Namespace, client: Client) -> int:
         for start in range(0, len(files), args.batch_size)
     ]
     report = _combined(reports)
-    if args.json:
-        print_json(
-            {
-                "model": report.model.__dict__,
-                "layer": report.layer,
-                "pooling": report.pooling,
-                "pipeline": report.pipeline,
-                "verdict": report.verdict,
-                "tolerance": report.tolerance,
-                "failed": report.failed,
-                "min_cosine": report.min_cosine,
-                "items": [
-                    {
-                        "image": str(f),
-                        "verdict": item.verdict,
-                        "cosine": item.cosine,
-                        "max_abs_diff": item.max_abs_diff,
-                        "relative_max_abs_diff": item.relative_max_abs_diff,
-                        "top1_agrees": item.top1_agrees,
-                        "top5_agreement": item.top5_agreement,
-                        "diagnosis_state": item.diagnosis_state,
-                        "diagnosis": [
-                            {"mistake": d.mistake, "cosine": d.cosine, "reproduces": d.reproduces}
-                            for d in item.diagnosis
-                        ],
-                    }
-                    for f, item in zip(files, report.items, strict=True)
-                ],
-            }
-        )
+    if args.json:  # the report as the client returns it, each item naming its image
+        data = report.as_dict()
+        data["failed"] = report.failed
+        for f, item in zip(files, data["items"], strict=True):
+            item["image"] = str(f)
+        print_json(data)
     else:
         _print_report(report, files)
     return 1 if report.failed else 0
