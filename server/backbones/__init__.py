@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._errors import FailedPrecondition
-from ..models import Manifest, VerifiedWeights, read_verified
+from ..models import TEXT_LIBRARIES, Manifest, VerifiedWeights, read_verified
 from ._base import Backbone
 
 if TYPE_CHECKING:
@@ -82,11 +82,7 @@ def load_backbone(
 
 def _require_text_extra(manifest: Manifest) -> None:
     """Text models need the `text` extra; the `server` extra alone serves image models."""
-    needed = ["transformers", "tokenizers"]
-    if manifest.framework == "onnxruntime":
-        needed.append("onnxruntime")
-    else:
-        needed.append("safetensors")
+    needed = TEXT_LIBRARIES[manifest.framework]
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise FailedPrecondition(

@@ -42,7 +42,7 @@ from .._errors import ConsistencyFailure
 from .._frameworks import import_torch, process_flags
 from .._metrics import METRICS
 from .._storage import disk_full, is_disk_full
-from ..models import Manifest
+from ..models import TEXT_LIBRARIES, Manifest
 from ..serving import ModelIdentity, model_folder
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,6 @@ _FOREIGN_PREFIXES = {
     "keras": (),
     "transformers": ("tensorflow", "keras", "tf_"),
     "onnxruntime": ("tensorflow", "keras", "tf_"),
-}
-# Libraries whose versions change a text model's numbers (tokenizer and runtime), per framework.
-_TEXT_LIBRARIES = {
-    "transformers": ("transformers", "tokenizers", "safetensors"),
-    "onnxruntime": ("transformers", "tokenizers", "onnxruntime"),
 }
 
 
@@ -146,7 +141,7 @@ def environment(device: str, manifest: Manifest) -> dict[str, str]:
         cpu=_cpu_model(),
         cpu_capability=str(torch.backends.cpu.get_cpu_capability()),
     )
-    for library in _TEXT_LIBRARIES.get(manifest.framework, ()):
+    for library in TEXT_LIBRARIES.get(manifest.framework, ()):
         env[library] = _package_version(library)
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))

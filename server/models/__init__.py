@@ -10,6 +10,7 @@ from ._decode import DECODERS, DecodeSpec, decode_table, require_decoder
 from ._decode import LEGACY as LEGACY_DECODE
 from ._decode import RECOMMENDED as RECOMMENDED_DECODE
 from ._manifest import (
+    TEXT_LIBRARIES,
     ArchitectureSpec,
     LayerSpec,
     Manifest,
@@ -59,6 +60,7 @@ __all__ = [
     "MAX_TEXT_BYTES",
     "OUTPUT_DTYPES",
     "RECOMMENDED_DECODE",
+    "TEXT_LIBRARIES",
     "ArchitectureSpec",
     "DecodeSpec",
     "GeometryPlan",

@@ -46,6 +46,12 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 FRAMEWORKS = ("torch", "keras", "transformers", "onnxruntime")
 TEXT_FRAMEWORKS = ("transformers", "onnxruntime")
+# The libraries a text framework needs (the `text` extra), which also change its numbers: their
+# versions go into the golden record.
+TEXT_LIBRARIES = {
+    "transformers": ("transformers", "tokenizers", "safetensors"),
+    "onnxruntime": ("transformers", "tokenizers", "onnxruntime"),
+}
 WEIGHT_FORMATS = ("torch_state_dict", "keras_weights", "safetensors", "onnx")
 RESIZE_MODES = ("crop_resize", "resize_crop", "resize")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
