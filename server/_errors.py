@@ -66,3 +66,8 @@ class Unauthenticated(EmbedwardenError):
 
 class PermissionDenied(EmbedwardenError):
     """Known caller without the role this RPC needs."""
+
+
+class InternalFault(EmbedwardenError):
+    """A bug, logged with its traceback where it happened: the caller sees INTERNAL with this
+    generic message (never the exception's own text), and the traceback is not logged again."""

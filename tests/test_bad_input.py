@@ -163,9 +163,11 @@ def test_models_load_and_unload_at_run_time(strict_server, photos):
             client.extract([photos["coffee"]], f"{MODEL}@2")
 
 
-def test_a_load_that_hits_a_bug_is_internal_and_the_server_recovers(tmp_path, photos, monkeypatch):
-    """A bug while loading is INTERNAL with a generic message (the traceback stays in the log),
-    never FAILED_PRECONDITION carrying the exception's text; a later load works."""
+def test_a_load_that_hits_a_bug_is_internal_and_the_server_recovers(
+    tmp_path, photos, monkeypatch, caplog
+):
+    """A bug while loading is INTERNAL with a generic message (the traceback stays in the log,
+    once), never FAILED_PRECONDITION carrying the exception's text; a later load works."""
     from embedwarden.client import InternalError
     from embedwarden.server.backbones import TorchBackbone
 
@@ -181,6 +183,8 @@ def test_a_load_that_hits_a_bug_is_internal_and_the_server_recovers(tmp_path, ph
                 with pytest.raises(InternalError) as error:
                     client.load_model(MODEL)
             assert "RuntimeError" in str(error.value) and "secret" not in str(error.value)
+            tracebacks = [r for r in caplog.records if r.exc_info]
+            assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
             state = next(m for m in client.list_models() if m.identity.name == MODEL)
             assert "internal error (RuntimeError)" in state.state_detail
             assert "secret" not in state.state_detail

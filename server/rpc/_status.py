@@ -30,6 +30,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[errors.EmbedwardenError], grpc.StatusCode], .
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.InternalFault, grpc.StatusCode.INTERNAL),
 )
 
 
@@ -44,7 +45,7 @@ def status_for(error: BaseException) -> grpc.StatusCode:
 def describe(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and client-facing message; logs a traceback for non-domain errors."""
     code = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
+    if code is grpc.StatusCode.INTERNAL and not isinstance(error, errors.InternalFault):
         log.exception("internal error", exc_info=error)
         return code, f"internal error ({type(error).__name__}); the server log has the traceback"
     return code, str(error)

@@ -22,6 +22,7 @@ from .._errors import (
     ConsistencyFailure,
     EmbedwardenError,
     FailedPrecondition,
+    InternalFault,
     InvalidInput,
     ManifestError,
     NotFound,
@@ -203,12 +204,12 @@ class ModelManager:
             raise
         except Exception as exc:  # a bug, not the manifest's or the files' fault: INTERNAL
             log.exception("loading %s failed", manifest.ref)
-            self._fail(
-                key,
+            detail = (
                 f"internal error ({type(exc).__name__}) while loading; the server log has the "
-                "traceback",
+                "traceback"
             )
-            raise
+            self._fail(key, detail)
+            raise InternalFault(detail) from exc
         with self._lock:
             self._entries[key] = _Entry(ModelState.SERVING, "", model)
         METRICS.model_serving.labels(manifest.name, manifest.version).set(1)
