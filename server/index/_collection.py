@@ -108,7 +108,8 @@ class Collection:
         self.label_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
         # id_of again, as an array indexed by label (None where free): a search maps its
-        # labels with one gather instead of two dict lookups per hit (~0.5 ms per 64 x 10).
+        # labels with one gather instead of two dict lookups per hit (measured in the server on
+        # 100k vectors, 64 queries x 10 hits: 0.30 ms instead of 0.65).
         self._names: np.ndarray = np.empty(0, dtype=object)
         self.next_label = 0
         self.seq = 0  # last logged entry
