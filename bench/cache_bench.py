@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,21 +30,11 @@ from typing import Any
 
 import grpc
 
+# Run as scripts (python bench/NAME.py): this folder is on sys.path.
+from _common import ServerProcess, concurrently, machine, percentiles, photo_jpegs, write_json
+
 from embedwarden.client import Client
 from embedwarden.v1 import embedding_pb2, types_pb2
-
-try:
-    from bench._common import (
-        ServerProcess,
-        concurrently,
-        machine,
-        percentiles,
-        photo_jpegs,
-        write_json,
-    )
-except ImportError:  # run as a script from bench/
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ServerProcess, concurrently, machine, percentiles, photo_jpegs, write_json  # type: ignore
 
 MODEL = "efficientnet_lite0"
 EXTRACT = "/embedwarden.v1.EmbeddingService/Extract"

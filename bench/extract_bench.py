@@ -22,26 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from embedwarden.client import Client
+# Run as scripts (python bench/NAME.py): this folder is on sys.path.
+from _common import (
+    ServerProcess,
+    concurrently,
+    machine,
+    percentiles,
+    photo_jpegs,
+    write_json,
+)
 
-try:
-    from bench._common import (
-        ServerProcess,
-        concurrently,
-        machine,
-        percentiles,
-        photo_jpegs,
-        write_json,
-    )
-except ImportError:  # run as a script from bench/
-    from _common import (  # type: ignore[no-redef]
-        ServerProcess,
-        concurrently,
-        machine,
-        percentiles,
-        photo_jpegs,
-        write_json,
-    )
+from embedwarden.client import Client
 
 MODEL = "efficientnet_lite0"
 

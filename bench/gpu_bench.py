@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,15 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from embedwarden.client import Client
+# Run as scripts (python bench/NAME.py): this folder is on sys.path.
+from _common import ServerProcess, concurrently, machine, photo_jpegs, write_json
+from extract_bench import DistinctInputs, _images_per_s
 
-try:
-    from bench._common import ServerProcess, concurrently, machine, photo_jpegs, write_json
-    from bench.extract_bench import DistinctInputs, _images_per_s
-except ImportError:  # run as a script from bench/
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ServerProcess, concurrently, machine, photo_jpegs, write_json  # type: ignore
-    from extract_bench import DistinctInputs, _images_per_s  # type: ignore
+from embedwarden.client import Client
 
 MODEL = "efficientnet_lite0"
 NVJPEG_MODEL = "lite0_nvjpeg"  # the same version with decoder = "nvjpeg"

@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedwarden.client import Client
+# Run as scripts (python bench/NAME.py): this folder is on sys.path.
+from _common import ServerProcess, machine, write_json
 
-try:
-    from bench._common import ServerProcess, machine, write_json
-except ImportError:  # run as a script from bench/
-    from _common import ServerProcess, machine, write_json  # type: ignore[no-redef]
+from embedwarden.client import Client
 
 MODELS = ("efficientnet_lite0", "efficientnet_lite0_keras")
 

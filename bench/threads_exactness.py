@@ -11,17 +11,13 @@ largest difference. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-try:
-    from bench._common import machine, write_json
-except ImportError:  # run as a script from bench/
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import machine, write_json  # type: ignore
+# Run as scripts (python bench/NAME.py): this folder is on sys.path.
+from _common import machine, write_json
 
 
 def main(argv: list[str] | None = None) -> int:

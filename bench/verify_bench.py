@@ -17,7 +17,6 @@ Nothing is asserted; the figures are printed, and written as JSON with `--json P
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -26,13 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from embedwarden.client import Client
+# Run as scripts (python bench/NAME.py): this folder is on sys.path.
+from _common import ServerProcess, machine, percentiles, photo_jpegs, write_json
 
-try:
-    from bench._common import ServerProcess, machine, percentiles, photo_jpegs, write_json
-except ImportError:  # run as a script from bench/
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ServerProcess, machine, percentiles, photo_jpegs, write_json  # type: ignore
+from embedwarden.client import Client
 
 MODEL = "efficientnet_lite0"
 
