@@ -206,8 +206,7 @@ def _decode_all(
     images = []
     for i, source in enumerate(sources):
         try:
-            p = manifest.preprocess
-            images.append(decode(source, max_pixels, p.decode, p.decoder))
+            images.append(decode(source, max_pixels, *manifest.preprocess.decoding))
         except InvalidInput as exc:
             raise type(exc)(f"inputs[{i}]: {exc}") from None
     return images
@@ -237,8 +236,7 @@ def compare_models(
     assert isinstance(a.preprocessor, Preprocessor) and isinstance(b.preprocessor, Preprocessor)
     images_a = _decode_all(inputs, ma, max_pixels)
     # Decoding is part of each model's contract: decoded again only where the two differ.
-    pa, pb = ma.preprocess, mb.preprocess
-    same = (pa.decode, pa.decoder) == (pb.decode, pb.decoder)
+    same = ma.preprocess.decoding == mb.preprocess.decoding
     images_b = images_a if same else _decode_all(inputs, mb, max_pixels)
     tensors_a = [a.preprocessor(image) for image in images_a]
     tensors_b = [b.preprocessor(image) for image in images_b]

@@ -100,6 +100,12 @@ class PreprocessSpec:
     crop_fraction: float = 0.0
     decode: DecodeSpec = LEGACY  # the manifest's [decode] table
 
+    @property
+    def decoding(self) -> tuple[DecodeSpec, str]:
+        """How bytes become pixels: the decode contract and the decoder (`decode`'s arguments);
+        specs with equal `decoding` decode every input alike."""
+        return self.decode, self.decoder
+
 
 @dataclass(frozen=True)
 class LayerSpec:

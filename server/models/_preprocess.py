@@ -180,7 +180,7 @@ class Preprocessor:
         """Decode and preprocess one input."""
         if isinstance(source, TextInput):
             raise InvalidInput("this is an image model: send `encoded` or `raw` images, not text")
-        return self(decode(source, max_pixels, self.spec.decode, self.spec.decoder))
+        return self(decode(source, max_pixels, *self.spec.decoding))
 
 
 def tensor_sha256(tensor: np.ndarray) -> str:

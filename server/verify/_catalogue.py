@@ -18,11 +18,9 @@ import numpy as np
 from PIL import Image
 
 from ..models import (
-    DecodeSpec,
     ImageSource,
     Preprocessor,
     PreprocessSpec,
-    decode,
     exif_orientation,
     plan_geometry,
 )
@@ -216,18 +214,9 @@ def names() -> list[str]:
 # --- rendering -----------------------------------------------------------------------------
 
 
-def decoding(recipe: Recipe) -> tuple[DecodeSpec, str]:
-    """What `recipe` decodes with: recipes that share it share the decoded image."""
-    return recipe.spec.decode, recipe.spec.decoder
-
-
-def decode_for(recipe: Recipe, source: ImageSource, max_pixels: int) -> Image.Image:
-    return decode(source, max_pixels, recipe.spec.decode, recipe.spec.decoder)
-
-
 def render(recipe: Recipe, image: Image.Image) -> np.ndarray:
     """The tensor a pipeline following `recipe` feeds the model for an input that decoded
-    (with `decoding(recipe)`) to `image`."""
+    (as `recipe.spec.decoding` says) to `image`."""
     preprocessor = _preprocessor(recipe.spec)
     if recipe.antialias:
         tensor = preprocessor(image)

@@ -32,6 +32,7 @@ from ..models import (
     LayerSpec,
     Pooling,
     TextInput,
+    decode,
     finish,
     resolve_pooling,
 )
@@ -313,14 +314,14 @@ class VerificationService:
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
 
-        def decode(recipe: catalogue.Recipe) -> Image.Image | None:
+        def decode_for(recipe: catalogue.Recipe) -> Image.Image | None:
             try:
-                return catalogue.decode_for(recipe, source, max_pixels)
+                return decode(source, max_pixels, *recipe.spec.decoding)
             except InvalidInput:  # this pipeline's decoder refuses the file: no such mistake
                 return None
 
         def render(recipe: catalogue.Recipe) -> np.ndarray | None:
-            image = images[catalogue.decoding(recipe)]
+            image = images[recipe.spec.decoding]
             try:
                 return None if image is None else catalogue.render(recipe, image)
             except InvalidInput:  # e.g. too small for this geometry: the mistake can't apply
@@ -334,13 +335,9 @@ class VerificationService:
         for start in range(0, len(recipes), BACKGROUND_CHUNK):
             chunk = recipes[start : start + BACKGROUND_CHUNK]
             with batcher.reserve(len(chunk), background=True):
-                todo = {
-                    catalogue.decoding(r): r
-                    for _, r in chunk
-                    if catalogue.decoding(r) not in images
-                }
+                todo = {r.spec.decoding: r for _, r in chunk if r.spec.decoding not in images}
                 decoded = await asyncio.gather(
-                    *(loop.run_in_executor(self.executor, decode, r) for r in todo.values())
+                    *(loop.run_in_executor(self.executor, decode_for, r) for r in todo.values())
                 )
                 images.update(zip(todo, decoded, strict=True))
                 rendered = await asyncio.gather(
