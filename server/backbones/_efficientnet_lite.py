@@ -54,7 +54,14 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class SamePadConv2d(nn.Conv2d):
-    """A bias-free conv with static TF SAME padding for a known square input size."""
+    """A bias-free conv with static TF SAME padding for a known square input size.
+
+    A pointwise (1x1, stride 1, dense) conv runs as one matrix product over the pixels of the
+    channels-last input. oneDNN's 1x1 convolution splits its reduction over input channels by
+    thread when output channels are few (the 12 project convs, e.g. 1152 -> 320 at 7x7), so its
+    bytes depended on the thread count; the GEMM gives the same bytes at every thread count and
+    batch size measured (`bench/threads_exactness.py`), and ran 1.0-1.3x as fast here.
+    """
 
     def __init__(
         self, in_ch: int, out_ch: int, kernel: int, stride: int, input_size: int, groups: int = 1
@@ -63,8 +70,13 @@ class SamePadConv2d(nn.Conv2d):
         before, after = same_padding(input_size, kernel, stride)
         self.pad = (before, after, before, after)
         self.output_size = math.ceil(input_size / stride)
+        self.pointwise = kernel == 1 and stride == 1 and groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise:
+            # NCHW -> NHWC is a view of a channels-last input; the result is channels-last.
+            pixels = x.permute(0, 2, 3, 1)
+            return F.linear(pixels, self.weight.flatten(1)).permute(0, 3, 1, 2)
         out: torch.Tensor = F.conv2d(
             F.pad(x, self.pad), self.weight, None, self.stride, 0, 1, self.groups
         )
