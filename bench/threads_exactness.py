@@ -3,7 +3,8 @@ whether an idle server may give a lone request all cores: see README, "Threads a
 
 For every built-in torch model and every catalogued layer, the canary photos are run at batch 1
 and 4 with 1 thread and with every core, and the layers whose bytes differ are listed with the
-largest difference. Nothing is asserted.
+largest difference. Nothing is asserted. (The server makes the same comparison itself, once per
+batch shape, before it runs a shape wide: serving/_widening.py.)
 
     python bench/threads_exactness.py [--json results/threads.json]
 """
@@ -25,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    import torch
     from PIL import Image
     from skimage import data
 
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in (1, 4):
             outputs = []
             for threads in (1, cores):
-                torch.set_num_threads(threads)
-                out = backbone.infer(batch[:size], layers)
+                out = backbone.infer(batch[:size], layers, threads=threads)
                 outputs.append({k: np.array(v) for k, v in out.items()})
             one, many = outputs
             differing = [k for k in layers if one[k].tobytes() != many[k].tobytes()]

@@ -22,7 +22,7 @@ from ._errors import (
     Unavailable,
     WeightsVerificationError,
 )
-from ._frameworks import available_cores, configure_process, import_tensorflow
+from ._frameworks import available_cores, configure_process, import_tensorflow, pass_threads
 from ._main import main
 from ._settings import Settings
 from ._settings import parse as parse_settings
@@ -53,5 +53,6 @@ __all__ = [
     "main",
     "parse_manifest",
     "parse_settings",
+    "pass_threads",
     "serve",
 ]

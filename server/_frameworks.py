@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from types import ModuleType
 
@@ -67,7 +69,7 @@ def _configure_tensorflow_once(tf: ModuleType) -> None:
             return
         _tf_configured.append(True)
     torch = import_torch()
-    threads = torch.get_num_threads()
+    threads = pass_threads()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
@@ -133,6 +135,35 @@ def plan_threads(settings: Settings, device: str) -> Settings:
     return replace(settings, inference_lanes=lanes, torch_threads=threads, max_batch_size=batch)
 
 
+_pass_threads: list[int] = []  # the configured intra-op threads per pass, once configured
+
+
+def pass_threads() -> int:
+    """The intra-op thread count of a torch forward pass unless told otherwise (the server's
+    `--torch-threads`; this thread's own count where `configure_process` never ran)."""
+    return _pass_threads[-1] if _pass_threads else import_torch().get_num_threads()
+
+
+@contextmanager
+def torch_threads_for_pass(threads: int = 0) -> Iterator[None]:
+    """Runs the block on this thread with `threads` intra-op threads (0: `pass_threads()`).
+
+    Torch keeps the count per thread, but `set_num_threads` also sets the default that threads
+    take on their first torch call. So every pass sets its count explicitly, whatever its
+    thread started with, and the count returns to the configured one right after.
+    """
+    torch = import_torch()
+    base = pass_threads()
+    want = threads or base
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if want != base:
+            torch.set_num_threads(base)
+
+
 def configure_process(*, deterministic: bool, torch_threads: int) -> None:
     """Sets the process-wide numeric flags once, before any model loads."""
     if deterministic:
@@ -142,6 +173,7 @@ def configure_process(*, deterministic: bool, torch_threads: int) -> None:
     threads = torch_threads or available_cores()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    _pass_threads.append(threads)
     torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
@@ -165,7 +197,7 @@ def process_flags() -> dict[str, str]:
         "cuda_matmul_tf32": str(torch.backends.cuda.matmul.allow_tf32),
         "cudnn_tf32": str(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "torch_threads": str(torch.get_num_threads()),
+        "torch_threads": str(pass_threads()),
         "torch_interop_threads": str(torch.get_num_interop_threads()),
         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "nvidia_tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE", "unset"),

@@ -79,6 +79,19 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.wide_batches = Counter(
+            f"{PREFIX}_wide_batches_total",
+            "Batches run on every lane's cores because the server was otherwise idle.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.wide_shape_checks = Counter(
+            f"{PREFIX}_wide_shape_checks_total",
+            "First wide batches of a shape, run narrow and wide and compared: identical (the "
+            "shape runs wide from then on) or different (it stays narrow).",
+            ["model", "version", "result"],
+            registry=r,
+        )
         # `fingerprint` (its first 16 hex digits, a valid Kubernetes label value): an HPA of
         # one fingerprint's replicas selects its own queue through prometheus-adapter.
         self.queue_depth = Gauge(

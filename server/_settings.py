@@ -40,6 +40,9 @@ class Settings:
     # 0 means "pick for this machine and device" (see _frameworks.plan_threads).
     inference_lanes: int = 0  # batches run side by side per model
     torch_threads: int = 0  # intra-op threads per forward pass
+    # An otherwise idle CPU server runs a lone batch on every lane's cores, at shapes where that
+    # was seen to give the narrow pass's bytes (serving/_widening).
+    wide_idle_passes: bool = True
     decode_workers: int = 0  # decode/preprocess threads (0: one per available core)
     max_batch_size: int = 0
     max_queue_delay_ms: float = 2.0
@@ -162,6 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch-threads",
         type=int,
         help="intra-op threads per forward pass (default: cores / lanes on CPU)",
+    )
+    a(
+        "--wide-idle-passes",
+        type=_parse_bool,
+        help="on CPU, run a batch that finds the other lanes idle on all their cores, where "
+        "that gives identical bytes (default true)",
     )
     a("--decode-workers", type=int, help="decode/preprocess threads (default: available cores)")
     a(

@@ -23,14 +23,18 @@ def _wait_until(condition, timeout: float = 5.0) -> None:
 class Recorder:
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[tuple[int, tuple[str, ...]]] = []
+        self.wide: list[bool] = []
         self.delay = delay
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, batch: np.ndarray, layers: Sequence[str], wide: bool = False
+    ) -> dict[str, np.ndarray]:
         self.gate.wait()
         time.sleep(self.delay)
         self.batches.append((len(batch), tuple(layers)))
+        self.wide.append(wide)
         return {layer: batch * (i + 1) for i, layer in enumerate(layers)}
 
 
@@ -105,7 +109,7 @@ def test_cancelled_items_never_run():
 def test_errors_reach_every_item_of_the_batch_and_the_worker_survives():
     calls = []
 
-    def failing(batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def failing(batch: np.ndarray, layers: Sequence[str], wide: bool) -> dict[str, np.ndarray]:
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("boom")
@@ -161,7 +165,7 @@ def test_lanes_run_batches_side_by_side():
     both = threading.Event()
     lock = threading.Lock()
 
-    def slow(batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def slow(batch: np.ndarray, layers: Sequence[str], wide: bool) -> dict[str, np.ndarray]:
         with lock:
             inside.append(1)
             if len(inside) == 2:
@@ -188,7 +192,7 @@ def test_background_items_yield_to_foreground_ones_and_use_one_lane_at_a_time():
     order: list[str] = []
     lock = threading.Lock()
 
-    def run(batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def run(batch: np.ndarray, layers: Sequence[str], wide: bool) -> dict[str, np.ndarray]:
         nonlocal running, most
         is_background = bool(batch[0, 0] >= 0)
         with lock:
@@ -249,3 +253,54 @@ def test_the_depth_callback_keeps_background_work_apart():
         future.result(5)
     batcher.close()
     assert seen[-1] == (0, 0)
+
+
+def test_a_lone_batch_runs_wide_and_the_other_lanes_wait_for_it():
+    """With `widen`, a batch that is all the work there is runs wide; while it runs no other
+    lane starts, and what queued meanwhile runs narrow, side by side."""
+    run = Recorder()
+    run.gate.clear()
+    batcher = DynamicBatcher(
+        "m", run, max_batch_size=1, max_queue_delay_s=0, max_queue_items=10, workers=2, widen=True
+    )
+    lone = batcher.submit(np.zeros(1, np.float32), ["a"])
+    _wait_until(lambda: batcher.depth == 0)  # taken, held on the gate
+    queued = [batcher.submit(np.ones(1, np.float32), ["a"]) for _ in range(2)]
+    time.sleep(0.05)
+    assert batcher.depth == 2, "a lane took work while the wide batch ran"
+    run.gate.set()
+    for f in [lone, *queued]:
+        f.result(5)
+    batcher.close()
+    assert run.wide[0] is True
+    assert run.wide[1:].count(True) <= 1  # the last of the queue may find the server idle
+
+
+def test_without_widen_or_with_one_lane_no_batch_runs_wide():
+    for workers, widen in ((2, False), (1, True)):
+        run = Recorder()
+        batcher = DynamicBatcher(
+            "m",
+            run,
+            max_batch_size=1,
+            max_queue_delay_s=0,
+            max_queue_items=10,
+            workers=workers,
+            widen=widen,
+        )
+        batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
+        batcher.close()
+        assert run.wide == [False]
+
+
+def test_a_batch_stays_narrow_while_admitted_inputs_are_still_on_their_way():
+    run = Recorder()
+    batcher = DynamicBatcher(
+        "m", run, max_batch_size=4, max_queue_delay_s=0, max_queue_items=10, workers=2, widen=True
+    )
+    with batcher.reserve(2):  # two admitted, one submitted: the other is still decoding
+        batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
+    with batcher.reserve(1):
+        batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
+    batcher.close()
+    assert run.wide == [False, True]

@@ -15,10 +15,16 @@ class Backbone(Protocol):
 
     manifest: Manifest
     device: str
+    # Whether `infer` honours `threads` (torch image models). Keras and ONNX Runtime fix their
+    # thread pools when the runtime starts; the text models' bytes depend on the thread count.
+    adapts_threads: bool
 
-    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
+    ) -> dict[str, np.ndarray]:
         """Runs one batch (preprocessed, in the manifest's layout) and returns float32 numpy
-        arrays of shape [N, *layer.shape] for each requested layer name."""
+        arrays of shape [N, *layer.shape] for each requested layer name. `threads`: intra-op
+        threads for this pass (0: the server's `--torch-threads`), where `adapts_threads`."""
         ...
 
     def state_checksum(self) -> str:

@@ -252,6 +252,8 @@ def _tf_device(device: str) -> str:
 class KerasBackbone:
     """A verified Keras model, frozen, serving catalogued layers in NHWC."""
 
+    adapts_threads = False
+
     def __init__(self, manifest: Manifest, weights: bytes, device: str) -> None:
         self.manifest = manifest
         self.device = device
@@ -323,7 +325,9 @@ class KerasBackbone:
                 self._runners[layers] = runner
             return runner
 
-    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
+    ) -> dict[str, np.ndarray]:
         key = tuple(sorted(set(layers)))
         runner = self._runner(key)
         with tf.device(self._tf_device):

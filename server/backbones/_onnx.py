@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._errors import FailedPrecondition, ManifestError
-from .._frameworks import import_torch
+from .._frameworks import pass_threads
 from ..models import Manifest
 from ._text_common import load_tokenizer, run_per_text, token_nodes
 
@@ -21,6 +21,10 @@ OUTPUT = "last_hidden_state"
 
 
 class OnnxTextBackbone:
+    """An ONNX Runtime text encoder on the CPU (its threads are fixed when the session starts)."""
+
+    adapts_threads = False
+
     def __init__(self, manifest: Manifest, weights: bytes, device: str) -> None:
         import onnxruntime as ort
 
@@ -35,7 +39,7 @@ class OnnxTextBackbone:
         self.spec = manifest.tokenizer
         self.preprocessor, _config = load_tokenizer(manifest)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = import_torch().get_num_threads()
+        options.intra_op_num_threads = pass_threads()
         options.inter_op_num_threads = 1
         options.use_deterministic_compute = True
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -65,7 +69,9 @@ class OnnxTextBackbone:
         (states,) = self.session.run([OUTPUT], feeds)
         return [np.asarray(states, dtype=np.float32)]
 
-    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
+    ) -> dict[str, np.ndarray]:
         wanted = {name: 0 for name in layers if name in self.wanted}
         pooled = self.pooled if self.pooled in layers else None
         return run_per_text(batch, self._forward, wanted, pooled, self.spec, self.width)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ManifestError
-from .._frameworks import import_torch
+from .._frameworks import import_torch, torch_threads_for_pass
 from ..models import ArchitectureSpec, Manifest
 
 torch = import_torch()
@@ -159,6 +159,8 @@ def _training_submodules(model: nn.Module) -> list[str]:
 class TorchBackbone:
     """A verified torch model in eval mode, on one device, serving catalogued layers."""
 
+    adapts_threads = True
+
     def __init__(self, manifest: Manifest, weights: bytes, device: str) -> None:
         self.manifest = manifest
         self.device = device
@@ -225,10 +227,12 @@ class TorchBackbone:
                 self._extractors[layers] = extractor
             return extractor
 
-    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
+    ) -> dict[str, np.ndarray]:
         key = tuple(sorted(set(layers)))
         extractor = self._extractor(key)  # may trace: before taking the forward guard
-        with FX_GUARD.forward(), torch.inference_mode():
+        with FX_GUARD.forward(), torch_threads_for_pass(threads), torch.inference_mode():
             x = torch.from_numpy(batch)
             if self.device.startswith("cuda"):
                 x = x.pin_memory().to(self.device, non_blocking=True)

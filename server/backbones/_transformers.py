@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._errors import ManifestError
-from .._frameworks import import_torch
+from .._frameworks import import_torch, torch_threads_for_pass
 from ..models import Manifest
 from ._text_common import load_tokenizer, run_per_text, set_offline, token_nodes
 from ._torch import module_checksum
@@ -27,6 +27,8 @@ DERIVED_KEYS = ("embeddings.position_ids",)
 
 class TransformersBackbone:
     """A verified `transformers` encoder in eval mode; each text runs at its own length."""
+
+    adapts_threads = False
 
     def __init__(self, manifest: Manifest, weights: bytes, device: str) -> None:
         set_offline()
@@ -78,10 +80,12 @@ class TransformersBackbone:
         )
         return [h.to("cpu", torch.float32).numpy() for h in out.hidden_states]
 
-    def infer(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def infer(
+        self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
+    ) -> dict[str, np.ndarray]:
         wanted = {name: self.wanted[name] for name in layers if name in self.wanted}
         pooled = self.pooled if self.pooled in layers else None
-        with torch.inference_mode():
+        with torch_threads_for_pass(), torch.inference_mode():
             return run_per_text(batch, self._forward, wanted, pooled, self.spec, self.width)
 
     def state_checksum(self) -> str:

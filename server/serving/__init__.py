@@ -1,5 +1,6 @@
 """Serving a model version: loading it (verify, build, warm up, check), the dynamic batcher that
-runs its forward passes, and the Extract use case (validate, cache, decode, infer, pool).
+runs its forward passes (narrow, or wide when idle), and the Extract use case (validate, cache,
+decode, infer, pool).
 
 Above `models` and `backbones`; below the cache, index, consistency and rpc concerns, which
 reach a loaded model only through `ModelManager` and `ExtractionService`.
@@ -19,6 +20,7 @@ from ._extraction import (
     input_digest,
 )
 from ._manager import LoadedModel, ModelIdentity, ModelManager, ModelState, model_folder
+from ._widening import WidePasses
 
 __all__ = [
     "BACKGROUND_CHUNK",
@@ -35,6 +37,7 @@ __all__ = [
     "ModelIdentity",
     "ModelManager",
     "ModelState",
+    "WidePasses",
     "input_digest",
     "model_folder",
 ]

@@ -28,6 +28,7 @@ from .._errors import (
     NotFound,
     Unavailable,
 )
+from .._frameworks import available_cores
 from .._metrics import METRICS
 from .._settings import Settings
 from ..backbones import Backbone, load_backbone
@@ -43,6 +44,7 @@ from ..models import (
     require_decoder,
 )
 from ._batching import DynamicBatcher
+from ._widening import WidePasses
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +99,17 @@ class LoadedModel:
     weights: VerifiedWeights
     device: str
     batcher: DynamicBatcher = field(init=False)
+    passes: WidePasses = field(init=False)
     load_seconds: float = 0.0
     after_batch: list[Callable[[LoadedModel, int], None]] = field(default_factory=list)
     _inflight: int = 0
     _accepting: bool = True
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def run_batch(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
-        outputs = self.backbone.infer(batch, layers)
+    def run_batch(
+        self, batch: np.ndarray, layers: Sequence[str], wide: bool = False
+    ) -> dict[str, np.ndarray]:
+        outputs = self.passes.run(batch, layers, wide)
         for hook in self.after_batch:
             hook(self, len(batch))
         return outputs
@@ -256,6 +261,7 @@ class ModelManager:
         )
         try:
             self._warm_up(model)
+            widen = self._plan_wide_passes(model)
             model.batcher = DynamicBatcher(
                 manifest.ref,
                 model.run_batch,
@@ -269,6 +275,7 @@ class ModelManager:
                 on_depth=METRICS.depth_setter(
                     manifest.name, manifest.version, model.identity.fingerprint
                 ),
+                widen=widen,
             )
             model.load_seconds = time.perf_counter() - started
             for hook in self.before_serving:
@@ -280,6 +287,27 @@ class ModelManager:
             raise
         model.load_seconds = time.perf_counter() - started
         return model
+
+    def _plan_wide_passes(self, model: LoadedModel) -> bool:
+        """Sets up `model.passes`; whether the batcher may run lone batches wide (on CPU, with
+        several lanes, for backbones whose thread count is theirs to set per pass)."""
+        settings = self.settings
+        threads = min(available_cores(), settings.inference_lanes * settings.torch_threads)
+        name, version = model.manifest.name, model.manifest.version
+        wide_batches = METRICS.wide_batches.labels(name, version)
+
+        def on_check(identical: bool) -> None:
+            result = "identical" if identical else "different"
+            METRICS.wide_shape_checks.labels(name, version, result).inc()
+
+        model.passes = WidePasses(model.backbone, threads, on_check, wide_batches.inc)
+        return (
+            settings.wide_idle_passes
+            and model.device == "cpu"
+            and model.backbone.adapts_threads
+            and settings.inference_lanes > 1
+            and threads > settings.torch_threads
+        )
 
     def _warm_up(self, model: LoadedModel) -> None:
         """One pass over every catalogued layer; shapes must match the catalogue exactly."""

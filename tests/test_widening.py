@@ -1,0 +1,105 @@
+"""Wide passes: an idle CPU server runs a lone batch on all its lanes' cores, and still serves
+the bytes that the narrow (single-lane thread count) pass defines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from embedwarden.client import Client
+from embedwarden.server import build_registry, pass_threads
+from embedwarden.server._metrics import METRICS
+from embedwarden.server.backbones import TorchBackbone
+from embedwarden.server.models import Preprocessor, read_verified
+from embedwarden.server.serving import WidePasses
+from embedwarden.server.testing import ServerThread
+
+MODEL = "efficientnet_lite0"
+
+
+class ThreadCountBackbone:
+    """A backbone whose output is its pass's thread count: the bytes of a model whose kernels
+    split their reductions by thread, in the extreme."""
+
+    adapts_threads = True
+
+    def __init__(self) -> None:
+        self.manifest = build_registry().resolve(MODEL)
+        self.device = "cpu"
+        self.calls: list[int] = []
+
+    def infer(
+        self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
+    ) -> dict[str, np.ndarray]:
+        used = threads or pass_threads()
+        self.calls.append(used)
+        return {name: np.full((len(batch), 1), used, np.float32) for name in layers}
+
+
+def test_a_shape_whose_bytes_depend_on_threads_stays_narrow() -> None:
+    backbone = ThreadCountBackbone()
+    checks: list[bool] = []
+    passes = WidePasses(backbone, pass_threads() + 1, checks.append)  # type: ignore[arg-type]
+    batch = np.zeros((2, 3), np.float32)
+    narrow = pass_threads()
+    for _ in range(3):
+        out = passes.run(batch, ["a"], wide=True)
+        assert out["a"].tolist() == [[narrow], [narrow]]  # the narrow bytes, every time
+    assert checks == [False]  # compared once, then remembered
+    assert passes.identical_shapes() == {((2, 3), ("a",)): False}
+    assert backbone.calls == [narrow, narrow + 1, narrow, narrow]
+
+
+def test_efficientnet_lite0_gives_identical_bytes_on_one_and_two_threads(
+    photo_arrays: dict[str, np.ndarray],
+) -> None:
+    """Its pointwise convolutions run as GEMMs for this (oneDNN's 1x1 convolution split them
+    by thread): every layer, at batch 1 and 3, byte for byte."""
+    from PIL import Image
+
+    manifest = build_registry().resolve(MODEL)
+    backbone = TorchBackbone(manifest, read_verified(manifest)[1], "cpu")
+    pre = Preprocessor(manifest.preprocess)
+    tensors = np.stack([pre(Image.fromarray(a)) for a in photo_arrays.values()])
+    layers = [layer.name for layer in manifest.layers]
+    checks: list[bool] = []
+    passes = WidePasses(backbone, 2, checks.append)
+    for size in (1, 3):
+        one = backbone.infer(tensors[:size], layers, threads=1)
+        served = passes.run(tensors[:size], layers, wide=True)  # compares: the narrow bytes
+        wide = passes.run(tensors[:size], layers, wide=True)  # now wide
+        two = backbone.infer(tensors[:size], layers, threads=2)
+        for name in layers:
+            assert one[name].tobytes() == two[name].tobytes(), f"batch {size}, {name}"
+            assert served[name].tobytes() == wide[name].tobytes() == two[name].tobytes()
+    assert checks == [True, True]
+
+
+def _wide_batches() -> float:
+    return METRICS.sample("embedwarden_wide_batches_total", {"model": MODEL, "version": "1"}) or 0
+
+
+def test_lone_requests_run_wide_and_match_a_server_that_never_widens(
+    server: ServerThread, client: Client, photos: dict[str, bytes], tmp_path
+) -> None:
+    settings = server.app.settings
+    if settings.inference_lanes < 2:
+        pytest.skip("one inference lane: nothing to widen on this machine")
+    before = _wide_batches()
+    served = [client.extract([photos[n]], MODEL, cache="off").array for n in photos]
+    assert _wide_batches() >= before + len(photos) - 1  # the first of a shape compares first
+    identical = server.app.models.get(MODEL).passes.identical_shapes()
+    assert identical and all(identical.values())
+
+    from helpers import make_settings
+
+    with (
+        ServerThread(make_settings(tmp_path / "narrow", wide_idle_passes=False)) as narrow,
+        Client(narrow.address, timeout=120) as other,
+    ):
+        expected = [other.extract([photos[n]], MODEL, cache="off").array for n in photos]
+        assert not narrow.app.models.get(MODEL).passes.identical_shapes()  # never widened
+    for name, got, want in zip(photos, served, expected, strict=True):
+        assert got.tobytes() == want.tobytes(), name
