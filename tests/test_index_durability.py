@@ -90,13 +90,16 @@ def present(client: Client, name: str, ids: list[str]) -> set[str]:
 def check(client: Client, name: str, state: Expected, fingerprint: str) -> None:
     size = client.describe_collection(name).size
     acked = sorted(state.vectors)
+    # The request in flight at the kill may or may not have been applied: a removal's ids may
+    # be gone and a replacement's vectors either version (both are checked further down).
+    op, pending = state.in_flight or ("", [])
+    unsure = set(pending) if op in ("replace", "remove") else set()
+    kept = [i for i in acked if not (op == "remove" and i in unsure)]
     # Every acknowledged id is there (a missing one fails the whole request with NOT_FOUND).
-    for start in range(0, len(acked), 1000):
-        client.search(name, ids=acked[start : start + 1000], k=1)
+    for start in range(0, len(kept), 1000):
+        client.search(name, ids=kept[start : start + 1000], k=1)
     # ... with its latest acknowledged vector: its own nearest neighbour at cosine 1 (lowest
     # measured 1 - 6e-7 with faiss' AVX-512 and AVX2 kernels; the floor is 1 - 1e-4).
-    op, pending = state.in_flight or ("", [])
-    unsure = set(pending) if op == "replace" else set()
     sure = [i for i in acked if i not in unsure]
     own = []
     for start in range(0, len(sure), 1000):
