@@ -4,8 +4,8 @@ An idle CPU server may run a lone batch on every lane's cores (see `_batching`),
 is "same environment, identical vectors and cache entries", and a kernel's result can depend on
 its thread count (oneDNN splits some reductions by thread). So the first wide batch of each
 shape and layer set runs twice, narrow and wide, and serves the narrow bytes; the shape runs
-wide from then on only if the two were identical, byte for byte. A kernel picks its blocking
-from the shape and the thread count, never from the values, so one comparison per shape
+wide from then on only if the two were identical, byte for byte. oneDNN and MKL pick blocking
+from the shape and the thread count, not from the values, so one comparison per shape
 decides it. `bench/threads_exactness.py` measures the same over every layer.
 """
 
