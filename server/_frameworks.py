@@ -135,13 +135,13 @@ def plan_threads(settings: Settings, device: str) -> Settings:
     return replace(settings, inference_lanes=lanes, torch_threads=threads, max_batch_size=batch)
 
 
-_pass_threads: list[int] = []  # the configured intra-op threads per pass, once configured
+_pass_threads: list[int] = []  # [the configured intra-op threads per pass], once configured
 
 
 def pass_threads() -> int:
     """The intra-op thread count of a torch forward pass unless told otherwise (the server's
     `--torch-threads`; this thread's own count where `configure_process` never ran)."""
-    return _pass_threads[-1] if _pass_threads else import_torch().get_num_threads()
+    return _pass_threads[0] if _pass_threads else import_torch().get_num_threads()
 
 
 @contextmanager
@@ -173,7 +173,7 @@ def configure_process(*, deterministic: bool, torch_threads: int) -> None:
     threads = torch_threads or available_cores()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    _pass_threads.append(threads)
+    _pass_threads[:] = [threads]
     torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic

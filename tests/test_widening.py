@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from helpers import make_settings
 
 from embedwarden.client import Client
 from embedwarden.server import build_registry, pass_threads
@@ -95,8 +96,6 @@ def test_lone_requests_run_wide_and_match_a_server_that_never_widens(
     assert _wide_batches() >= before + len(photos) - 1  # the first of a shape compares first
     identical = server.app.models.get(MODEL).passes.identical_shapes()
     assert identical and all(identical.values())
-
-    from helpers import make_settings
 
     with (
         ServerThread(make_settings(tmp_path / "narrow", wide_idle_passes=False)) as narrow,

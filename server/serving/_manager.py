@@ -107,7 +107,7 @@ class LoadedModel:
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def run_batch(
-        self, batch: np.ndarray, layers: Sequence[str], wide: bool = False
+        self, batch: np.ndarray, layers: Sequence[str], wide: bool
     ) -> dict[str, np.ndarray]:
         outputs = self.passes.run(batch, layers, wide)
         for hook in self.after_batch:
@@ -261,7 +261,7 @@ class ModelManager:
         )
         try:
             self._warm_up(model)
-            widen = self._plan_wide_passes(model)
+            model.passes = self._wide_passes(model)
             model.batcher = DynamicBatcher(
                 manifest.ref,
                 model.run_batch,
@@ -275,7 +275,7 @@ class ModelManager:
                 on_depth=METRICS.depth_setter(
                     manifest.name, manifest.version, model.identity.fingerprint
                 ),
-                widen=widen,
+                widen=model.passes.threads > 0,
             )
             model.load_seconds = time.perf_counter() - started
             for hook in self.before_serving:
@@ -288,11 +288,18 @@ class ModelManager:
         model.load_seconds = time.perf_counter() - started
         return model
 
-    def _plan_wide_passes(self, model: LoadedModel) -> bool:
-        """Sets up `model.passes`; whether the batcher may run lone batches wide (on CPU, with
-        several lanes, for backbones whose thread count is theirs to set per pass)."""
+    def _wide_passes(self, model: LoadedModel) -> WidePasses:
+        """A model runs lone batches wide on CPU, with several lanes, where its backbone sets
+        its thread count per pass (otherwise its WidePasses has 0 wide threads)."""
         settings = self.settings
         threads = min(available_cores(), settings.inference_lanes * settings.torch_threads)
+        allowed = (
+            settings.wide_idle_passes
+            and model.device == "cpu"
+            and model.backbone.adapts_threads
+            and settings.inference_lanes > 1
+            and threads > settings.torch_threads
+        )
         name, version = model.manifest.name, model.manifest.version
         wide_batches = METRICS.wide_batches.labels(name, version)
 
@@ -300,14 +307,7 @@ class ModelManager:
             result = "identical" if identical else "different"
             METRICS.wide_shape_checks.labels(name, version, result).inc()
 
-        model.passes = WidePasses(model.backbone, threads, on_check, wide_batches.inc)
-        return (
-            settings.wide_idle_passes
-            and model.device == "cpu"
-            and model.backbone.adapts_threads
-            and settings.inference_lanes > 1
-            and threads > settings.torch_threads
-        )
+        return WidePasses(model.backbone, threads if allowed else 0, on_check, wide_batches.inc)
 
     def _warm_up(self, model: LoadedModel) -> None:
         """One pass over every catalogued layer; shapes must match the catalogue exactly."""

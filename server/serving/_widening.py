@@ -25,9 +25,9 @@ ShapeKey = tuple[tuple[int, ...], tuple[str, ...]]
 
 
 class WidePasses:
-    """Runs a model's batches narrow (the lanes' thread count) or wide (`threads`), wide only at
-    shapes seen to give identical bytes. `on_check(identical)` counts each first comparison,
-    `on_wide()` each wide batch."""
+    """Runs a model's batches narrow (the lanes' thread count) or wide (`threads`; 0: this model
+    never runs wide), wide only at shapes seen to give identical bytes. `on_check(identical)`
+    counts each first comparison, `on_wide()` each wide batch."""
 
     def __init__(
         self,
@@ -66,7 +66,8 @@ class WidePasses:
     ) -> dict[str, np.ndarray]:
         narrow = self.backbone.infer(batch, layers)
         wide = self.backbone.infer(batch, layers, self.threads)
-        identical = all(narrow[name].tobytes() == wide[name].tobytes() for name in narrow)
+        differing = [name for name in narrow if narrow[name].tobytes() != wide[name].tobytes()]
+        identical = not differing
         with self._lock:
             self._identical[key] = identical
         if self._on_check:
@@ -79,7 +80,6 @@ class WidePasses:
                 self.threads,
             )
         else:
-            differing = [name for name in narrow if narrow[name].tobytes() != wide[name].tobytes()]
             log.warning(
                 "%s: batches of shape %s differ on %d threads (layers %s): they stay narrow",
                 self.backbone.manifest.ref,
