@@ -53,14 +53,13 @@ def test_a_shape_whose_bytes_depend_on_threads_stays_narrow() -> None:
     assert backbone.calls == [narrow, narrow + 1, narrow, narrow]
 
 
-def test_efficientnet_lite0_gives_identical_bytes_on_one_and_two_threads(
+def test_efficientnet_lite0_widens_exactly_where_one_and_two_threads_agree(
     photo_arrays: dict[str, np.ndarray],
 ) -> None:
-    """Its pointwise convolutions run as GEMMs for this (oneDNN's 1x1 convolution split them
-    by thread): every layer, at batch 1 and 3, byte for byte. Measured on an AMD EPYC; on an
-    Intel Xeon only the convolution version was measured (it differed in the layers whose
-    project convolutions the GEMM replaced). Where this fails, the server still serves exact
-    bytes (it stays narrow at that shape); only its lone requests lose the second core."""
+    """The per-shape verdict is the truth on this CPU, and the served bytes are always the
+    narrow ones. Which way the verdict goes is the CPU's: with the pointwise GEMMs, every layer
+    agreed at batches 1 and 3 on an AMD EPYC, and 6 of 19 (from blocks.12, |d| <= 1.4e-5) did
+    not on an Intel Xeon (MKL splits those GEMMs by thread there), which then stays narrow."""
     from PIL import Image
 
     manifest = build_registry().resolve(MODEL)
@@ -70,15 +69,18 @@ def test_efficientnet_lite0_gives_identical_bytes_on_one_and_two_threads(
     layers = [layer.name for layer in manifest.layers]
     checks: list[bool] = []
     passes = WidePasses(backbone, 2, checks.append)
+    narrow_threads = pass_threads()
+    agreed: list[bool] = []
     for size in (1, 3):
-        one = backbone.infer(tensors[:size], layers, threads=1)
-        served = passes.run(tensors[:size], layers, wide=True)  # compares: the narrow bytes
-        wide = passes.run(tensors[:size], layers, wide=True)  # now wide
+        narrow = backbone.infer(tensors[:size], layers, threads=narrow_threads)
         two = backbone.infer(tensors[:size], layers, threads=2)
+        agreed.append(all(narrow[n].tobytes() == two[n].tobytes() for n in layers))
+        served = passes.run(tensors[:size], layers, wide=True)  # compares: the narrow bytes
+        again = passes.run(tensors[:size], layers, wide=True)  # wide only if they agreed
         for name in layers:
-            assert one[name].tobytes() == two[name].tobytes(), f"batch {size}, {name}"
-            assert served[name].tobytes() == wide[name].tobytes() == two[name].tobytes()
-    assert checks == [True, True]
+            assert served[name].tobytes() == narrow[name].tobytes(), f"batch {size}, {name}"
+            assert again[name].tobytes() == narrow[name].tobytes(), f"batch {size}, {name}"
+    assert checks == agreed
 
 
 def _wide_batches() -> float:
@@ -93,9 +95,13 @@ def test_lone_requests_run_wide_and_match_a_server_that_never_widens(
         pytest.skip("one inference lane: nothing to widen on this machine")
     before = _wide_batches()
     served = [client.extract([photos[n]], MODEL, cache="off").array for n in photos]
-    assert _wide_batches() >= before + len(photos) - 1  # the first of a shape compares first
     identical = server.app.models.get(MODEL).passes.identical_shapes()
-    assert identical and all(identical.values())
+    lone = [same for (shape, _), same in identical.items() if shape[0] == 1]
+    assert lone  # the first lone batch of a shape was compared
+    if all(lone):  # the first of a shape compares, the rest run wide
+        assert _wide_batches() >= before + len(photos) - 1
+    elif not any(lone):  # this CPU's kernels split by thread at that shape: it stays narrow
+        assert _wide_batches() == before
 
     with (
         ServerThread(make_settings(tmp_path / "narrow", wide_idle_passes=False)) as narrow,
