@@ -3,6 +3,7 @@
 Installs without any deep-learning framework (`pip install embedwarden`).
 """
 
+from ._api_index import Hit, SearchResults
 from ._api_verify import MistakeMatch, VerifiedVector, VerifyReport
 from ._client import Client, Extraction, ModelIdentity, image_input
 from ._exceptions import (
@@ -29,6 +30,7 @@ __all__ = [
     "EmbedwardenError",
     "Extraction",
     "FailedPrecondition",
+    "Hit",
     "InternalError",
     "InvalidArgument",
     "MistakeMatch",
@@ -36,6 +38,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "SearchResults",
     "Text",
     "Unauthenticated",
     "Unavailable",

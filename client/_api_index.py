@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property, partial
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,7 +28,7 @@ from ._types import (
     image_input,
     model_ref,
 )
-from .tensor import to_tensor
+from .tensor import fill_tensor, to_array, to_tensor
 
 METRICS = {
     "cosine": index_pb2.METRIC_COSINE,
@@ -109,16 +111,51 @@ class Hit(NamedTuple):
 
 @dataclass(frozen=True)
 class SearchResults:
-    """One list of hits per query, in query order, and the model version of the collection."""
+    """The answers per query, in query order, and the model version of the collection.
+
+    By column, `ids[i]` and `scores[i]` (float32) are query i's hits, closest first; `hits[i]`
+    (also `results[i]`) pairs them as `Hit`s, built on first use."""
 
     model: ModelIdentity
-    hits: list[list[Hit]]
+    ids: list[list[str]]
+    scores: list[np.ndarray]
+
+    @cached_property
+    def hits(self) -> list[list[Hit]]:
+        pair = partial(tuple.__new__, Hit)  # Hit((id, score)) without a Python frame per hit
+        return [
+            list(map(pair, zip(i, s.tolist(), strict=True)))
+            for i, s in zip(self.ids, self.scores, strict=True)
+        ]
 
     def __len__(self) -> int:
-        return len(self.hits)
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> list[Hit]:
         return self.hits[i]
+
+    @classmethod
+    def from_proto(cls, response: index_pb2.SearchResponse) -> SearchResults:
+        model = ModelIdentity.from_proto(response.model)
+        if not response.HasField("packed"):  # per-query results (a server without `packed`)
+            ids = [list(r.ids) or [h.id for h in r.hits] for r in response.results]
+            scores = [
+                np.array(list(r.scores) or [h.score for h in r.hits], np.float32)
+                for r in response.results
+            ]
+            return cls(model, ids, scores)
+        packed = response.packed
+        flat_ids = list(packed.ids)
+        flat_scores = np.array(to_array(packed.scores), np.float32)  # writable, not a view
+        ends = list(accumulate(packed.counts))
+        if len(flat_ids) != len(flat_scores) or (ends[-1] if ends else 0) != len(flat_ids):
+            raise ValueError("malformed packed search response: counts, ids and scores differ")
+        starts = [0, *ends[:-1]]
+        return cls(
+            model,
+            [flat_ids[a:b] for a, b in zip(starts, ends, strict=True)],
+            [flat_scores[a:b] for a, b in zip(starts, ends, strict=True)],
+        )
 
 
 class UpsertResult(NamedTuple):
@@ -142,11 +179,6 @@ def _matrix(vectors: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     if array.dtype not in (np.float32, np.float16):
         array = array.astype(np.float32)
     return array
-
-
-def _batch(vectors: np.ndarray | Sequence[np.ndarray]) -> types_pb2.Tensor:
-    """The [n, dim] tensor of a Search's batch form: one buffer, not a message per query."""
-    return to_tensor(_matrix(vectors))
 
 
 def _rows(vectors: np.ndarray | Sequence[np.ndarray]) -> list[types_pb2.Tensor]:
@@ -269,32 +301,23 @@ class IndexAPI(ClientBase):
         given = [q is not None for q in (vectors, images, ids)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of vectors, images or ids")
-        batch = None
         queries: list[index_pb2.Query] = []
-        if vectors is not None:
-            batch = _batch(vectors)
-        elif images is not None:
+        if images is not None:
             queries = [index_pb2.Query(input=image_input(i)) for i in images]
-        else:
-            queries = [index_pb2.Query(id=i) for i in ids or ()]
+        elif ids is not None:
+            queries = [index_pb2.Query(id=i) for i in ids]
         request = index_pb2.SearchRequest(
             collection=collection,
             queries=queries,
-            vectors=batch,
             k=k,
             fingerprint=fingerprint,
             hnsw_ef_search=ef_search,
             ivf_nprobe=nprobe,
-            columnar=True,
+            packed=True,
         )
-        response = self._call(self._index.Search, request, timeout)
-        return SearchResults(
-            ModelIdentity.from_proto(response.model),
-            [
-                list(map(Hit, r.ids, r.scores)) if r.ids else [Hit(h.id, h.score) for h in r.hits]
-                for r in response.results
-            ],
-        )
+        if vectors is not None:  # the batch form, filled in place
+            fill_tensor(request.vectors, _matrix(vectors))
+        return SearchResults.from_proto(self._call(self._index.Search, request, timeout))
 
 
 __all__ = [

@@ -32,12 +32,19 @@ def wire_layout(array: np.ndarray) -> np.ndarray:
 
 
 def to_tensor(array: np.ndarray) -> types_pb2.Tensor:
+    return fill_tensor(types_pb2.Tensor(), array)
+
+
+def fill_tensor(tensor: types_pb2.Tensor, array: np.ndarray) -> types_pb2.Tensor:
+    """Sets `tensor` (e.g. a field of a larger message, in place) to `array`; returns it. In place
+    saves the copy that assigning a built Tensor to a field makes (~0.1 ms per 300 KB)."""
     dtype = array.dtype.newbyteorder("=")
     if dtype not in _FROM_NUMPY:
         raise TensorError(f"unsupported dtype {array.dtype}; use float32, float16 or uint8")
-    return types_pb2.Tensor(
-        data=wire_layout(array).tobytes(), shape=list(array.shape), dtype=_FROM_NUMPY[dtype]
-    )
+    tensor.data = wire_layout(array).tobytes()
+    tensor.shape[:] = array.shape
+    tensor.dtype = _FROM_NUMPY[dtype]
+    return tensor
 
 
 def to_array(tensor: types_pb2.Tensor) -> np.ndarray:

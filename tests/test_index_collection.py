@@ -93,7 +93,7 @@ def ids_of(n: int, prefix: str = "v") -> list[str]:
 
 
 def top_ids(collection: Collection, queries: np.ndarray, k: int, **over: int) -> list[list[str]]:
-    hits = collection.search(queries.copy(), [], k, SearchOverrides(**over))
+    hits = collection.search(queries.copy(), [], k, SearchOverrides(**over)).rows()
     return [[i for i, _ in row] for row in hits]
 
 
@@ -130,7 +130,7 @@ def test_replace_and_remove_work_for_every_kind(store, kind, trained):
     result = collection.upsert(["v5", "new"], np.concatenate([fresh, fresh]))
     assert (result.inserted, result.replaced) == (1, 1)
     assert collection.info().size == n + 1
-    hits = collection.search(fresh.copy(), [], 5, SearchOverrides())[0]
+    hits = collection.search(fresh.copy(), [], 5, SearchOverrides()).rows()[0]
     if exact:
         assert {hits[0][0], hits[1][0]} == {"v5", "new"}
         # Inner product of a unit vector with itself (absolute = relative): |1 - score|
@@ -139,7 +139,7 @@ def test_replace_and_remove_work_for_every_kind(store, kind, trained):
     else:
         assert {"v5", "new"} <= {i for i, _ in hits}
     assert [i for i, _ in hits].count("v5") == 1
-    old = collection.search(data[5:6].copy(), [], 5, SearchOverrides())[0]
+    old = collection.search(data[5:6].copy(), [], 5, SearchOverrides()).rows()[0]
     if exact:
         assert old[0][1] < 0.999  # the old vector of v5 is gone (measured 0.93; rounding 1e-7)
 
@@ -151,7 +151,9 @@ def test_replace_and_remove_work_for_every_kind(store, kind, trained):
     assert all("v7" not in row and "v8" not in row for row in found)
     with pytest.raises(NotFound, match="v7"):
         collection.search(np.zeros((1, 32), np.float32), [(0, "v7")], 3, SearchOverrides())
-    by_id = collection.search(np.zeros((1, 32), np.float32), [(0, "v9")], 10, SearchOverrides())
+    by_id = collection.search(
+        np.zeros((1, 32), np.float32), [(0, "v9")], 10, SearchOverrides()
+    ).rows()
     assert by_id[0][0][0] == "v9" if exact else "v9" in {i for i, _ in by_id[0]}
 
 
@@ -283,7 +285,7 @@ def test_searches_never_see_half_a_batch(store, kind):
 
     def read() -> None:
         while not stop.is_set():
-            hits = collection.search(query.copy(), [], 1000, SearchOverrides())[0]
+            hits = collection.search(query.copy(), [], 1000, SearchOverrides()).rows()[0]
             scores = sorted({round(s) for i, s in hits if i.startswith("g")})
             count = sum(1 for i, _ in hits if i.startswith("g"))
             if count not in (0, group) or len(scores) > 1:

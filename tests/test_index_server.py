@@ -275,8 +275,9 @@ def test_ids_queries_and_k_are_bounded(bare):
     bare.delete_collection("limits")
 
 
-def test_batch_and_columnar_forms_answer_as_the_per_query_form(bare, bare_server):
-    from embedwarden.client.tensor import to_tensor
+def test_batch_columnar_and_packed_forms_answer_as_the_per_query_form(bare, bare_server):
+    from embedwarden.client import SearchResults
+    from embedwarden.client.tensor import to_array, to_tensor
     from embedwarden.v1 import index_pb2, index_pb2_grpc, types_pb2
 
     info = bare.create_collection("forms", MODEL, kind="hnsw")
@@ -289,9 +290,13 @@ def test_batch_and_columnar_forms_answer_as_the_per_query_form(bare, bare_server
     with grpc.insecure_channel(bare_server.address) as channel:
         stub = index_pb2_grpc.IndexServiceStub(channel)
 
+        def call(**fields):
+            fields.setdefault("k", 5)
+            request = index_pb2.SearchRequest(collection="forms", fingerprint=fp, **fields)
+            return stub.Search(request, timeout=30)
+
         def search(**fields):
-            request = index_pb2.SearchRequest(collection="forms", k=5, fingerprint=fp, **fields)
-            return stub.Search(request, timeout=30).results
+            return call(**fields).results
 
         hits = [[(h.id, h.score) for h in r.hits] for r in search(queries=per_query)]
         batch = search(vectors=to_tensor(queries), columnar=True)
@@ -301,8 +306,29 @@ def test_batch_and_columnar_forms_answer_as_the_per_query_form(bare, bare_server
             hits
         )
         assert [h[0][0] for h in hits] == [f"v{i}" for i in range(7)]
+        packed = call(vectors=to_tensor(queries), packed=True)
+        assert not packed.results
+        assert list(packed.packed.counts) == [5] * 7
+        flat = [pair for row in hits for pair in row]
+        scores = to_array(packed.packed.scores).tolist()
+        assert list(zip(packed.packed.ids, scores, strict=True)) == flat
+        # Fewer stored vectors than k: each query's count says where its hits end.
+        short = call(vectors=to_tensor(queries), packed=True, k=400)
+        counts = list(short.packed.counts)
+        assert all(0 < c <= 300 for c in counts) and sum(counts) == len(short.packed.ids)
+        by_rows = SearchResults.from_proto(short)
+        wide = SearchResults.from_proto(call(vectors=to_tensor(queries), k=400))  # per-query form
+        assert by_rows.ids == wide.ids and [len(i) for i in by_rows.ids] == counts
+        for a, b in zip(by_rows.scores, wide.scores, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert by_rows.hits == wide.hits and by_rows[0][0].id == "v0"
         bad = {
             "not both": {"queries": per_query, "vectors": to_tensor(queries)},
+            "`packed` or `columnar`": {
+                "vectors": to_tensor(queries),
+                "packed": True,
+                "columnar": True,
+            },
             r"shape \[7, 1000\]": {"vectors": to_tensor(queries[:, :1000])},
             r"shape \[1280\]": {"vectors": to_tensor(queries[0])},
             "float32 or float16": {"vectors": to_tensor(queries.astype(np.uint8))},
@@ -323,7 +349,7 @@ def test_batch_and_columnar_forms_answer_as_the_per_query_form(bare, bare_server
             assert re.search(message, caught.value.details()), message
     assert [h.id for h in bare.search("forms", queries, k=5, fingerprint=fp)[0]] == [
         i for i, _ in hits[0]
-    ]  # the client uses the batch and columnar forms
+    ]  # the client uses the batch and packed forms
     bare.delete_collection("forms")
 
 

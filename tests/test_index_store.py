@@ -100,7 +100,7 @@ def test_recovery_is_the_last_snapshot_plus_the_log(tmp_path, kind):
     for gone in ("v1", "v2", "v4", "v450"):
         with pytest.raises(NotFound):
             recovered.search(np.zeros((1, 32), np.float32), [(0, gone)], 1, SearchOverrides())
-    hits = recovered.search(data[600:601].copy(), [], 700, SearchOverrides(ivf_nprobe=4))
+    hits = recovered.search(data[600:601].copy(), [], 700, SearchOverrides(ivf_nprobe=4)).rows()
     assert {"v1", "v2", "v4", "v450"}.isdisjoint(i for i, _ in hits[0])
     store.close()
 

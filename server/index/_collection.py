@@ -34,6 +34,7 @@ from ._types import (
     CollectionInfo,
     CollectionSpec,
     RemoveResult,
+    SearchHits,
     SearchOverrides,
     UpsertResult,
 )
@@ -343,8 +344,8 @@ class Collection:
         by_id: Sequence[tuple[int, str]],
         k: int,
         overrides: SearchOverrides,
-    ) -> list[list[tuple[str, float]]]:
-        """Top-k (id, score) per query row; rows named in `by_id` use that stored vector."""
+    ) -> SearchHits:
+        """Top-k per query row; rows named in `by_id` use that stored vector."""
         with self._rw.read():
             self._usable()
             for row, value in by_id:
@@ -355,18 +356,15 @@ class Collection:
             distances, labels = self.engine.search(queries, k, overrides)
             names = self._names
             if not len(names):
-                return [[] for _ in range(len(labels))]
+                return SearchHits.empty(len(labels))
+            if labels.size and labels.min() >= 0 and labels.max() < len(names):  # k per query
+                ids = names[labels].ravel().tolist()
+                if None not in ids:  # a freed label has no name
+                    return SearchHits(ids, distances.ravel(), [labels.shape[1]] * len(labels))
             known = (labels >= 0) & (labels < len(names))  # FAISS pads missing hits with -1
             found = names[np.where(known, labels, 0)]
-            found[~known] = None
-            return [
-                [
-                    (value, score)
-                    for value, score in zip(row, scores, strict=True)
-                    if value is not None
-                ]
-                for row, scores in zip(found.tolist(), distances.tolist(), strict=True)
-            ]
+            known &= np.frompyfunc(lambda v: v is not None, 1, 1)(found).astype(bool)
+            return SearchHits(found[known].tolist(), distances[known], known.sum(axis=1).tolist())
 
     def info(self, check: bool = False) -> CollectionInfo:
         """`check`: refuse (UNAVAILABLE) while the collection is being recovered."""

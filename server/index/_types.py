@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -242,10 +242,34 @@ class SearchOverrides:
     ivf_nprobe: int = 0
 
 
+@dataclass(frozen=True)
+class SearchHits:
+    """The hits of a batch of queries, packed: query i's are the next `counts[i]` entries of `ids`
+    and `scores`, closest first. One flat list and one array, so that building a response of any
+    form costs a few calls per batch rather than a few per hit."""
+
+    ids: list[str]
+    scores: np.ndarray  # float32 [len(ids)]
+    counts: list[int]
+
+    @classmethod
+    def empty(cls, queries: int) -> SearchHits:
+        return cls([], np.empty(0, np.float32), [0] * queries)
+
+    def rows(self) -> list[list[tuple[str, float]]]:
+        """(id, score) pairs per query."""
+        pairs = list(zip(self.ids, self.scores.tolist(), strict=True))
+        out, start = [], 0
+        for count in self.counts:
+            out.append(pairs[start : start + count])
+            start += count
+        return out
+
+
 @dataclass
 class SearchOutcome:
     spec: CollectionSpec
-    hits: list[list[tuple[str, float]]] = field(default_factory=list)
+    hits: SearchHits
 
 
 # --- validation -----------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def Search(
         self, request: index_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> index_pb2.SearchResponse:
+        form = convert.result_form(request)
         outcome = await self.index.search(
             request.collection,
             convert.queries(request),
@@ -76,4 +77,4 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             request.fingerprint,
             convert.overrides(request),
         )
-        return convert.search_response(outcome, request.columnar)
+        return convert.search_response(outcome, form)

@@ -511,6 +511,7 @@ class SearchRequest(_message.Message):
     IVF_NPROBE_FIELD_NUMBER: _builtins.int
     VECTORS_FIELD_NUMBER: _builtins.int
     COLUMNAR_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     k: _builtins.int
     """Zero: 10."""
@@ -522,6 +523,10 @@ class SearchRequest(_message.Message):
     columnar: _builtins.bool
     """Answer each query in `SearchResult.ids` and `scores` (parallel lists) instead of `hits`:
     a few hundred microseconds less per 640 hits on each side.
+    """
+    packed: _builtins.bool
+    """Answer every query at once in `SearchResponse.packed` instead of `results`: three fields
+    for the whole batch, the cheapest form to build and to read. Not together with `columnar`.
     """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Query]: ...
@@ -542,10 +547,11 @@ class SearchRequest(_message.Message):
         ivf_nprobe: _builtins.int = ...,
         vectors: _types_pb2.Tensor | None = ...,
         columnar: _builtins.bool = ...,
+        packed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vectors", b"vectors"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "columnar", b"columnar", "fingerprint", b"fingerprint", "hnsw_ef_search", b"hnsw_ef_search", "ivf_nprobe", b"ivf_nprobe", "k", b"k", "queries", b"queries", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "columnar", b"columnar", "fingerprint", b"fingerprint", "hnsw_ef_search", b"hnsw_ef_search", "ivf_nprobe", b"ivf_nprobe", "k", b"k", "packed", b"packed", "queries", b"queries", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,24 +615,68 @@ class SearchResult(_message.Message):
 Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
 
 @_typing.final
+class PackedHits(_message.Message):
+    """The hits of every query of a request in one place: query i's hits are the next `counts[i]`
+    entries of `ids` and `scores`, closest first.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """one per query, in query order"""
+
+    @_builtins.property
+    def scores(self) -> _types_pb2.Tensor:
+        """float32 [len(ids)], as `SearchHit.score`"""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+        scores: _types_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "ids", b"ids", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackedHits: _TypeAlias = PackedHits  # noqa: Y015
+
+@_typing.final
 class SearchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]: ...
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
+        """one per query, unless the request asked for `packed`"""
+
     @_builtins.property
     def model(self) -> _types_pb2.ModelIdentity: ...
+    @_builtins.property
+    def packed(self) -> Global___PackedHits:
+        """`packed` requests"""
+
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___SearchResult] | None = ...,
         model: _types_pb2.ModelIdentity | None = ...,
+        packed: Global___PackedHits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "packed", b"packed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "packed", b"packed", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
