@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -256,14 +257,15 @@ class SearchHits:
     def empty(cls, queries: int) -> SearchHits:
         return cls([], np.empty(0, np.float32), [0] * queries)
 
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, stop) of each query's hits in `ids` and `scores`."""
+        ends = list(accumulate(self.counts))
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
     def rows(self) -> list[list[tuple[str, float]]]:
         """(id, score) pairs per query."""
         pairs = list(zip(self.ids, self.scores.tolist(), strict=True))
-        out, start = [], 0
-        for count in self.counts:
-            out.append(pairs[start : start + count])
-            start += count
-        return out
+        return [pairs[a:b] for a, b in self.spans()]
 
 
 @dataclass

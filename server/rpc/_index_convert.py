@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from embedwarden.client.tensor import to_tensor
+from embedwarden.client.tensor import fill_tensor
 from embedwarden.v1 import index_pb2, types_pb2
 
 from .._errors import InvalidInput
@@ -183,21 +183,17 @@ def search_response(outcome: SearchOutcome, form: ResultForm) -> index_pb2.Searc
         packed = response.packed
         packed.ids.extend(hits.ids)
         packed.counts.extend(hits.counts)
-        packed.scores.CopyFrom(to_tensor(np.asarray(hits.scores, dtype=np.float32)))
+        fill_tensor(packed.scores, np.asarray(hits.scores, dtype=np.float32))
         return response
     scores = hits.scores.tolist()
-    start = 0
     if form is ResultForm.COLUMNAR:  # two extends a query: ~10x cheaper than a message per hit
-        for count in hits.counts:
+        for a, b in hits.spans():
             result = response.results.add()
-            if count:
-                result.ids.extend(hits.ids[start : start + count])
-                result.scores.extend(scores[start : start + count])
-            start += count
+            result.ids.extend(hits.ids[a:b])
+            result.scores.extend(scores[a:b])
         return response
-    for count in hits.counts:  # add() in place: about twice as fast as building lists of hits
+    for a, b in hits.spans():  # add() in place: about twice as fast as building lists of hits
         add = response.results.add().hits.add
-        for i in range(start, start + count):
+        for i in range(a, b):
             add(id=hits.ids[i], score=scores[i])
-        start += count
     return response
