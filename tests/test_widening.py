@@ -3,6 +3,7 @@ the bytes that the narrow (single-lane thread count) pass defines."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,12 +31,15 @@ class ThreadCountBackbone:
         self.manifest = build_registry().resolve(MODEL)
         self.device = "cpu"
         self.calls: list[int] = []
+        self.wide_threads: set[int] = set()  # the threads that ran its wide passes
 
     def infer(
         self, batch: np.ndarray, layers: Sequence[str], threads: int = 0
     ) -> dict[str, np.ndarray]:
         used = threads or pass_threads()
         self.calls.append(used)
+        if used != pass_threads():
+            self.wide_threads.add(threading.get_ident())
         return {name: np.full((len(batch), 1), used, np.float32) for name in layers}
 
 
@@ -51,6 +55,28 @@ def test_a_shape_whose_bytes_depend_on_threads_stays_narrow() -> None:
     assert checks == [False]  # compared once, then remembered
     assert passes.identical_shapes() == {((2, 3), ("a",)): False}
     assert backbone.calls == [narrow, narrow + 1, narrow, narrow]
+
+
+def test_every_wide_pass_of_the_process_runs_on_one_thread() -> None:
+    """Whichever lane takes a batch, and whichever model: OpenMP keeps a team per calling
+    thread, and wide passes alternating between two lanes' teams ran 2.2x slower."""
+    backbones = [ThreadCountBackbone(), ThreadCountBackbone()]
+    models = [WidePasses(b, pass_threads() + 1) for b in backbones]  # type: ignore[arg-type]
+    for passes in models:
+        passes._identical[((1, 3), ("a",))] = True  # as if the first comparison had agreed
+
+    def lane() -> None:
+        for passes in models:
+            passes.run(np.zeros((1, 3), np.float32), ["a"], wide=True)
+
+    lanes = [threading.Thread(target=lane) for _ in range(3)]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join()
+    ran_on = set().union(*(b.wide_threads for b in backbones))
+    assert len(ran_on) == 1
+    assert ran_on.isdisjoint({t.ident for t in lanes} | {threading.get_ident()})
 
 
 def test_efficientnet_lite0_widens_exactly_where_one_and_two_threads_agree(
