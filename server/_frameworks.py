@@ -123,15 +123,18 @@ def plan_threads(settings: Settings, device: str) -> Settings:
     On CPU, EfficientNet-Lite0 on 2 cores runs 58-70 images/s as two single-threaded forward
     passes side by side, against 20-34 images/s as one pass with 2 intra-op threads: its many
     small (depthwise) convolutions spend more time in OpenMP barriers than in arithmetic. So
-    the default is one lane per core (up to 4) and cores/lanes threads each; small batches (4)
-    because larger ones only cost latency on CPU. On a GPU one lane feeds the device, with
-    batches up to 32.
+    the default is one lane per core (up to 4) and cores/lanes threads each. Batches stay small
+    on CPU: a single-threaded pass of EfficientNet-Lite0 cost 19-21 ms an image at batch 2,
+    22-27 at 4 and 35-38 at 8 (AMD EPYC; a batch's activations outgrow the core's caches), so
+    single-threaded lanes take batches of up to 2 (8 clients: 71-80 against 61-66 images/s at
+    4), multi-threaded ones up to 4 (not measured otherwise). On a GPU one lane feeds the
+    device, with batches up to 32.
     """
     cores = available_cores()
     on_cpu = device == "cpu"
     lanes = settings.inference_lanes or (min(cores, 4) if on_cpu else 1)
     threads = settings.torch_threads or (max(1, cores // lanes) if on_cpu else cores)
-    batch = settings.max_batch_size or (4 if on_cpu else 32)
+    batch = settings.max_batch_size or ((2 if threads == 1 else 4) if on_cpu else 32)
     return replace(settings, inference_lanes=lanes, torch_threads=threads, max_batch_size=batch)
 
 

@@ -176,7 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--max-batch-size",
         type=int,
-        help="dynamic batching: largest batch (default 4 on CPU, 32 on GPU)",
+        help="dynamic batching: largest batch (default on CPU 2 with single-threaded lanes, else "
+        "4; 32 on GPU)",
     )
     a("--max-queue-delay-ms", type=float, help="dynamic batching: longest wait (default 2)")
     a("--max-queue-items", type=int, help="inputs waiting per model before RESOURCE_EXHAUSTED")

@@ -304,3 +304,17 @@ def test_a_batch_stays_narrow_while_admitted_inputs_are_still_on_their_way():
         batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
     batcher.close()
     assert run.wide == [False, True]
+
+
+def test_cpu_batches_default_to_two_with_single_threaded_lanes() -> None:
+    """A single-threaded pass of EfficientNet-Lite0 cost more per image at batch 4 than at 2
+    (its activations outgrow the core's caches), so such lanes take batches of 2; an explicit
+    size and the GPU keep theirs."""
+    from embedwarden.server import Settings
+    from embedwarden.server._frameworks import plan_threads
+
+    narrow = plan_threads(Settings(inference_lanes=2, torch_threads=1), "cpu")
+    assert narrow.max_batch_size == 2
+    assert plan_threads(Settings(inference_lanes=1, torch_threads=2), "cpu").max_batch_size == 4
+    assert plan_threads(Settings(torch_threads=1, max_batch_size=8), "cpu").max_batch_size == 8
+    assert plan_threads(Settings(), "cuda").max_batch_size == 32
