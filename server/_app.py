@@ -78,7 +78,9 @@ class Application:
         settings = plan_threads(settings, self.device)
         self.settings = settings
         configure_process(
-            deterministic=settings.deterministic, torch_threads=settings.torch_threads
+            deterministic=settings.deterministic,
+            torch_threads=settings.torch_threads,
+            lanes=settings.inference_lanes,
         )
         self.models = ModelManager(self.registry, settings, self.device)
         workers = settings.decode_workers or available_cores()

@@ -15,14 +15,18 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from types import ModuleType
+from typing import TypeVar
 
 from ._settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def import_torch() -> ModuleType:
@@ -167,8 +171,42 @@ def torch_threads_for_pass(threads: int = 0) -> Iterator[None]:
             torch.set_num_threads(base)
 
 
-def configure_process(*, deterministic: bool, torch_threads: int) -> None:
-    """Sets the process-wide numeric flags once, before any model loads."""
+# The one thread that runs the process's multi-threaded torch passes (see `run_torch_pass`).
+_TEAM_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")
+_team_thread_ident: list[int] = []
+_lanes_own_teams = [False]  # several multi-threaded lanes: each runs its narrow passes itself
+
+
+def _on_team_thread(fn: Callable[[], T], threads: int) -> T:
+    if not _team_thread_ident:
+        _team_thread_ident.append(threading.get_ident())
+    with torch_threads_for_pass(threads):
+        return fn()
+
+
+def run_torch_pass(fn: Callable[[], T], threads: int = 0) -> T:
+    """Runs `fn` (a forward pass) with `threads` intra-op threads (0: `pass_threads()`).
+
+    OpenMP keeps one thread team per calling thread, and once two teams of two threads lived
+    on 2 cores, every pass slowed down for good: wide passes alternating between two lanes took
+    29 ms against 13 ms from one thread, and one consistency check on its own thread took a
+    one-lane, two-thread server's lone request from 20-22 to 36-37 ms (EfficientNet-Lite0,
+    AMD EPYC). So a pass of more than one thread runs on the process's one team thread. The
+    exception is a narrow pass of several multi-threaded lanes (--inference-lanes > 1 with
+    --torch-threads > 1, e.g. 4 x 4 on 16 cores): those teams run side by side by design, one
+    per lane, and their sizes add up to the cores.
+    """
+    want = threads or pass_threads()
+    direct = want == 1 or (want == pass_threads() and _lanes_own_teams[0])
+    if direct or _team_thread_ident == [threading.get_ident()]:
+        with torch_threads_for_pass(want):
+            return fn()
+    return _TEAM_THREAD.submit(_on_team_thread, fn, want).result()
+
+
+def configure_process(*, deterministic: bool, torch_threads: int, lanes: int = 1) -> None:
+    """Sets the process-wide numeric flags once, before any model loads (`lanes`: inference
+    lanes per model, see `run_torch_pass`)."""
     if deterministic:
         # Must be set before the first cuBLAS handle exists.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -177,6 +215,7 @@ def configure_process(*, deterministic: bool, torch_threads: int) -> None:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     _pass_threads[:] = [threads]
+    _lanes_own_teams[0] = lanes > 1 and threads > 1
     torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic

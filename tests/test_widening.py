@@ -57,26 +57,38 @@ def test_a_shape_whose_bytes_depend_on_threads_stays_narrow() -> None:
     assert backbone.calls == [narrow, narrow + 1, narrow, narrow]
 
 
-def test_every_wide_pass_of_the_process_runs_on_one_thread() -> None:
-    """Whichever lane takes a batch, and whichever model: OpenMP keeps a team per calling
-    thread, and wide passes alternating between two lanes' teams ran 2.2x slower."""
-    backbones = [ThreadCountBackbone(), ThreadCountBackbone()]
-    models = [WidePasses(b, pass_threads() + 1) for b in backbones]  # type: ignore[arg-type]
-    for passes in models:
-        passes._identical[((1, 3), ("a",))] = True  # as if the first comparison had agreed
+def test_every_multithreaded_pass_of_the_process_runs_on_one_thread() -> None:
+    """Wide passes from any lane, and passes of the monitor's threads: OpenMP keeps a team per
+    calling thread, and with two teams alive on 2 cores every pass ran 1.8-2.2x slower.
+    Single-threaded passes stay on their caller."""
+    import torch
+
+    from embedwarden.server._frameworks import run_torch_pass
+
+    wide = pass_threads() + 1  # never a lane's own narrow count
+    ran: list[tuple[int, int, int]] = []  # (caller, runner, threads seen)
+
+    def pass_of(caller: int, threads: int) -> None:
+        def forward() -> None:
+            ran.append((caller, threading.get_ident(), torch.get_num_threads()))
+
+        run_torch_pass(forward, threads)
 
     def lane() -> None:
-        for passes in models:
-            passes.run(np.zeros((1, 3), np.float32), ["a"], wide=True)
+        for threads in (wide, 1, wide):
+            pass_of(threading.get_ident(), threads)
 
     lanes = [threading.Thread(target=lane) for _ in range(3)]
     for thread in lanes:
         thread.start()
     for thread in lanes:
         thread.join()
-    ran_on = set().union(*(b.wide_threads for b in backbones))
-    assert len(ran_on) == 1
-    assert ran_on.isdisjoint({t.ident for t in lanes} | {threading.get_ident()})
+    pass_of(threading.get_ident(), wide)
+    multi = [r for r in ran if r[2] == wide]
+    assert len(multi) == 7 and len({runner for _, runner, _ in multi}) == 1
+    assert all(runner != caller for caller, runner, _ in multi)
+    single = [r for r in ran if r[2] != wide]
+    assert len(single) == 3 and all(runner == caller and n == 1 for caller, runner, n in single)
 
 
 def test_efficientnet_lite0_widens_exactly_where_one_and_two_threads_agree(

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ManifestError
-from .._frameworks import import_torch, torch_threads_for_pass
+from .._frameworks import import_torch, run_torch_pass
 from ..models import ArchitectureSpec, Manifest
 
 torch = import_torch()
@@ -232,7 +232,10 @@ class TorchBackbone:
     ) -> dict[str, np.ndarray]:
         key = tuple(sorted(set(layers)))
         extractor = self._extractor(key)  # may trace: before taking the forward guard
-        with FX_GUARD.forward(), torch_threads_for_pass(threads), torch.inference_mode():
+        return run_torch_pass(lambda: self._forward(extractor, batch), threads)
+
+    def _forward(self, extractor: fx.GraphModule, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with FX_GUARD.forward(), torch.inference_mode():
             x = torch.from_numpy(batch)
             if self.device.startswith("cuda"):
                 x = x.pin_memory().to(self.device, non_blocking=True)

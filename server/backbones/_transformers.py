@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._errors import ManifestError
-from .._frameworks import import_torch, torch_threads_for_pass
+from .._frameworks import import_torch, run_torch_pass
 from ..models import Manifest
 from ._text_common import load_tokenizer, run_per_text, set_offline, token_nodes
 from ._torch import module_checksum
@@ -85,8 +85,12 @@ class TransformersBackbone:
     ) -> dict[str, np.ndarray]:
         wanted = {name: self.wanted[name] for name in layers if name in self.wanted}
         pooled = self.pooled if self.pooled in layers else None
-        with torch_threads_for_pass(), torch.inference_mode():
-            return run_per_text(batch, self._forward, wanted, pooled, self.spec, self.width)
+
+        def forward() -> dict[str, np.ndarray]:
+            with torch.inference_mode():
+                return run_per_text(batch, self._forward, wanted, pooled, self.spec, self.width)
+
+        return run_torch_pass(forward)
 
     def state_checksum(self) -> str:
         return module_checksum(self.model)

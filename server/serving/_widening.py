@@ -6,12 +6,8 @@ its thread count (oneDNN splits some reductions by thread). So the first wide ba
 shape and layer set runs twice, narrow and wide, and serves the narrow bytes; the shape runs
 wide from then on only if the two were identical, byte for byte. oneDNN and MKL pick blocking
 from the shape and the thread count, not from the values, so one comparison per shape
-decides it. `bench/threads_exactness.py` measures the same over every layer.
-
-Every wide pass of the process runs on one thread of its own (`_WIDE_THREAD`), whichever lane
-took the batch. OpenMP keeps a thread team per calling thread, and while one team is idle its
-worker spun through another team's passes: wide passes alternating between two lanes took 29 ms
-against 13 ms from one thread (efficientnet_lite0, batch 1, 2 cores, AMD EPYC).
+decides it. `bench/threads_exactness.py` measures the same over every layer. A wide pass runs
+on the process's one team thread, whichever lane took the batch (`run_torch_pass` says why).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -28,9 +23,6 @@ from ..backbones import Backbone
 log = logging.getLogger(__name__)
 
 ShapeKey = tuple[tuple[int, ...], tuple[str, ...]]
-
-# One thread, and so one OpenMP team, for every wide pass of every model (see above).
-_WIDE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide-pass")
 
 
 class WidePasses:
@@ -64,10 +56,7 @@ class WidePasses:
             return self.backbone.infer(batch, layers)
         if self._on_wide:
             self._on_wide()
-        return self._infer_wide(batch, layers)
-
-    def _infer_wide(self, batch: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
-        return _WIDE_THREAD.submit(self.backbone.infer, batch, layers, self.threads).result()
+        return self.backbone.infer(batch, layers, self.threads)
 
     def identical_shapes(self) -> dict[ShapeKey, bool]:
         with self._lock:
@@ -77,7 +66,7 @@ class WidePasses:
         self, key: ShapeKey, batch: np.ndarray, layers: Sequence[str]
     ) -> dict[str, np.ndarray]:
         narrow = self.backbone.infer(batch, layers)
-        wide = self._infer_wide(batch, layers)
+        wide = self.backbone.infer(batch, layers, self.threads)
         differing = [name for name in narrow if narrow[name].tobytes() != wide[name].tobytes()]
         identical = not differing
         with self._lock:
