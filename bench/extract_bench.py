@@ -74,19 +74,18 @@ def in_process(
     """The strongest single-pipeline baseline: decode + preprocess + infer + pool, one batch at a
     time, with the best of every batch size and of 1 or all cores of intra-op threads; and its
     single-image latency (with its best thread count)."""
-    import torch
-
-    from embedwarden.server import available_cores
+    from embedwarden.server import available_cores, configure_process
 
     backbone, run = _pipeline(0)
     throughput: dict[str, float] = {}
     for threads in sorted({1, available_cores()}):
-        torch.set_num_threads(threads)
+        # The count every pass takes (a bare torch.set_num_threads would be reset by the pass).
+        configure_process(deterministic=True, torch_threads=threads)
         run(images[:4])  # warm-up
         for bs in batch_sizes:
             throughput[f"threads={threads},batch={bs}"] = _images_per_s(run, images, bs, seconds)
     best = max(throughput, key=lambda k: throughput[k])
-    torch.set_num_threads(int(best.split(",")[0].split("=")[1]))
+    configure_process(deterministic=True, torch_threads=int(best.split(",")[0].split("=")[1]))
     latencies = []
     for i in range(40):
         t0 = time.perf_counter()
@@ -105,10 +104,7 @@ def _side_by_side_worker(
     images: Sequence[bytes], batch: int, seconds: float, barrier: Any, results: Any
 ) -> None:
     """One single-threaded in-process pipeline (see `side_by_side`)."""
-    import torch
-
     backbone, run = _pipeline(1)
-    torch.set_num_threads(1)
     run(images[:batch])  # warm-up
     barrier.wait()
     results.put(_images_per_s(run, images, batch, seconds))
