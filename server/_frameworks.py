@@ -157,18 +157,19 @@ def torch_threads_for_pass(threads: int = 0) -> Iterator[None]:
 
     Torch keeps the count per thread, but `set_num_threads` also sets the default that threads
     take on their first torch call. So every pass sets its count explicitly, whatever its
-    thread started with, and the count returns to the configured one right after.
+    thread started with, and the thread's count (after `configure_process`: 1) returns right
+    after.
     """
     torch = import_torch()
-    base = pass_threads()
-    want = threads or base
-    if torch.get_num_threads() != want:
+    want = threads or pass_threads()
+    before = torch.get_num_threads()
+    if before != want:
         torch.set_num_threads(want)
     try:
         yield
     finally:
-        if want != base:
-            torch.set_num_threads(base)
+        if before != want:
+            torch.set_num_threads(before)
 
 
 # The one thread that runs the process's multi-threaded torch passes (see `run_torch_pass`).
@@ -212,8 +213,11 @@ def configure_process(*, deterministic: bool, torch_threads: int, lanes: int = 1
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch = import_torch()
     threads = torch_threads or available_cores()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    # Outside forward passes (loading weights, copies, checksums) torch runs on one thread on
+    # every thread: a multi-threaded op there would start an OpenMP team of its own, and a
+    # second team slows every pass (`run_torch_pass`). Passes set their own count.
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
     _pass_threads[:] = [threads]
     _lanes_own_teams[0] = lanes > 1 and threads > 1
     torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark

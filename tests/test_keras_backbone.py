@@ -339,8 +339,8 @@ def test_a_changed_process_setting_refuses_to_build(kx, manifest):
 
 
 def test_tensorflow_thread_pools_were_set_once(kx):
-    import torch
+    from embedwarden.server import pass_threads
 
     threading = kx.tf.config.threading
-    assert threading.get_intra_op_parallelism_threads() == torch.get_num_threads()
+    assert threading.get_intra_op_parallelism_threads() == pass_threads()
     assert 1 <= threading.get_inter_op_parallelism_threads() <= 2

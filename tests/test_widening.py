@@ -91,6 +91,34 @@ def test_every_multithreaded_pass_of_the_process_runs_on_one_thread() -> None:
     assert len(single) == 3 and all(runner == caller and n == 1 for caller, runner, n in single)
 
 
+def test_torch_outside_passes_runs_single_threaded_on_every_thread() -> None:
+    """Loading weights, copies and checksums start no OpenMP team of their own; a pass sets its
+    count and gives it back."""
+    import torch
+
+    from embedwarden.server import configure_process
+    from embedwarden.server._frameworks import _lanes_own_teams, torch_threads_for_pass
+
+    configure_process(  # as configured already: only the process default is under test
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        torch_threads=pass_threads(),
+        lanes=2 if _lanes_own_teams[0] else 1,
+    )
+    seen: list[int] = []
+
+    def fresh_thread() -> None:
+        seen.append(torch.get_num_threads())
+        with torch_threads_for_pass(pass_threads() + 1):
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert seen == [1, pass_threads() + 1, 1]
+    assert torch.get_num_threads() == 1
+
+
 def test_efficientnet_lite0_widens_exactly_where_one_and_two_threads_agree(
     photo_arrays: dict[str, np.ndarray],
 ) -> None:
