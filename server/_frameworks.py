@@ -173,9 +173,19 @@ def torch_threads_for_pass(threads: int = 0) -> Iterator[None]:
 
 
 # The one thread that runs the process's multi-threaded torch passes (see `run_torch_pass`).
-_TEAM_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")
+_team_thread = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")]
 _team_thread_ident: list[int] = []
 _lanes_own_teams = [False]  # several multi-threaded lanes: each runs its narrow passes itself
+
+
+def _new_team_thread_after_fork() -> None:
+    """A forked child has none of its parent's threads: its passes need a team thread of its
+    own (the parent's executor would queue them forever)."""
+    _team_thread[:] = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")]
+    _team_thread_ident.clear()
+
+
+os.register_at_fork(after_in_child=_new_team_thread_after_fork)
 
 
 def _on_team_thread(fn: Callable[[], T], threads: int) -> T:
@@ -202,7 +212,7 @@ def run_torch_pass(fn: Callable[[], T], threads: int = 0) -> T:
     if direct or _team_thread_ident == [threading.get_ident()]:
         with torch_threads_for_pass(want):
             return fn()
-    return _TEAM_THREAD.submit(_on_team_thread, fn, want).result()
+    return _team_thread[0].submit(_on_team_thread, fn, want).result()
 
 
 def configure_process(*, deterministic: bool, torch_threads: int, lanes: int = 1) -> None:

@@ -177,3 +177,21 @@ def test_lone_requests_run_wide_and_match_a_server_that_never_widens(
         assert not narrow.app.models.get(MODEL).passes.identical_shapes()  # never widened
     for name, got, want in zip(photos, served, expected, strict=True):
         assert got.tobytes() == want.tobytes(), name
+
+
+def test_a_forked_child_runs_multithreaded_passes_on_a_team_thread_of_its_own() -> None:
+    """After a fork the parent's team thread is gone; a pass in the child must not wait on it."""
+    import multiprocessing
+
+    from embedwarden.server._frameworks import run_torch_pass
+
+    run_torch_pass(lambda: None, pass_threads() + 1)  # the parent's team thread exists now
+    child = multiprocessing.get_context("fork").Process(
+        target=run_torch_pass, args=(lambda: None, pass_threads() + 1)
+    )
+    child.start()
+    child.join(30)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
