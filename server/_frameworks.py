@@ -172,27 +172,33 @@ def torch_threads_for_pass(threads: int = 0) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-# The one thread that runs the process's multi-threaded torch passes (see `run_torch_pass`).
-_team_thread = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")]
-_team_thread_ident: list[int] = []
+class _TeamThread:
+    """The one thread that runs the process's multi-threaded torch passes (`run_torch_pass`)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new thread; also in a forked child, which has none of its parent's threads (the
+        parent's executor would queue the child's passes forever)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")
+        self._ident = 0
+
+    def is_current(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def run(self, fn: Callable[[], T], threads: int) -> T:
+        return self._executor.submit(self._enter, fn, threads).result()
+
+    def _enter(self, fn: Callable[[], T], threads: int) -> T:
+        self._ident = threading.get_ident()
+        with torch_threads_for_pass(threads):
+            return fn()
+
+
+_TEAM_THREAD = _TeamThread()
+os.register_at_fork(after_in_child=_TEAM_THREAD.reset)
 _lanes_own_teams = [False]  # several multi-threaded lanes: each runs its narrow passes itself
-
-
-def _new_team_thread_after_fork() -> None:
-    """A forked child has none of its parent's threads: its passes need a team thread of its
-    own (the parent's executor would queue them forever)."""
-    _team_thread[:] = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-team")]
-    _team_thread_ident.clear()
-
-
-os.register_at_fork(after_in_child=_new_team_thread_after_fork)
-
-
-def _on_team_thread(fn: Callable[[], T], threads: int) -> T:
-    if not _team_thread_ident:
-        _team_thread_ident.append(threading.get_ident())
-    with torch_threads_for_pass(threads):
-        return fn()
 
 
 def run_torch_pass(fn: Callable[[], T], threads: int = 0) -> T:
@@ -209,10 +215,10 @@ def run_torch_pass(fn: Callable[[], T], threads: int = 0) -> T:
     """
     want = threads or pass_threads()
     direct = want == 1 or (want == pass_threads() and _lanes_own_teams[0])
-    if direct or _team_thread_ident == [threading.get_ident()]:
+    if direct or _TEAM_THREAD.is_current():
         with torch_threads_for_pass(want):
             return fn()
-    return _team_thread[0].submit(_on_team_thread, fn, want).result()
+    return _TEAM_THREAD.run(fn, want)
 
 
 def configure_process(*, deterministic: bool, torch_threads: int, lanes: int = 1) -> None:
