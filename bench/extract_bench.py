@@ -39,7 +39,9 @@ MODEL = "efficientnet_lite0"
 
 
 def _pipeline(threads: int) -> Any:
-    """The server's own decode + preprocess + model + pooling code, in this process."""
+    """The server's own decode + preprocess + model + pooling code, in this process: the
+    backbone, `run(batch)`, and `timed(image)` (one image: seconds preprocessing, seconds in
+    the pass and pooling)."""
     from embedwarden.server import build_registry, configure_process
     from embedwarden.server.backbones import TorchBackbone
     from embedwarden.server.models import Pooling, Preprocessor, finish, read_verified
@@ -50,12 +52,21 @@ def _pipeline(threads: int) -> Any:
     pre = Preprocessor(manifest.preprocess)
     layer = manifest.layer("features")
 
-    def run(batch: Sequence[bytes]) -> list[np.ndarray]:
-        tensors = np.stack([pre.prepare(b, 40_000_000) for b in batch])
+    def infer(tensors: np.ndarray) -> list[np.ndarray]:
         out = backbone.infer(tensors, ["features"])["features"]
         return [finish(o, layer, Pooling.AVG, False, "float32") for o in out]
 
-    return backbone, run
+    def run(batch: Sequence[bytes]) -> list[np.ndarray]:
+        return infer(np.stack([pre.prepare(b, 40_000_000) for b in batch]))
+
+    def timed(image: bytes) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        tensors = pre.prepare(image, 40_000_000)[None]
+        t1 = time.perf_counter()
+        infer(tensors)
+        return t1 - t0, time.perf_counter() - t1
+
+    return backbone, run, timed
 
 
 def _images_per_s(run: Any, images: Sequence[bytes], batch: int, seconds: float) -> float:
@@ -76,7 +87,7 @@ def in_process(
     single-image latency (with its best thread count)."""
     from embedwarden.server import available_cores, configure_process
 
-    backbone, run = _pipeline(0)
+    backbone, run, timed = _pipeline(0)
     throughput: dict[str, float] = {}
     for threads in sorted({1, available_cores()}):
         # The count every pass takes (a bare torch.set_num_threads would be reset by the pass).
@@ -86,17 +97,18 @@ def in_process(
             throughput[f"threads={threads},batch={bs}"] = _images_per_s(run, images, bs, seconds)
     best = max(throughput, key=lambda k: throughput[k])
     configure_process(deterministic=True, torch_threads=int(best.split(",")[0].split("=")[1]))
-    latencies = []
-    for i in range(40):
-        t0 = time.perf_counter()
-        run([images[i % len(images)]])
-        latencies.append(time.perf_counter() - t0)
+    split = [timed(images[i % len(images)]) for i in range(40)]
     backbone.close()
     return {
         "throughput": throughput,
         "best": best,
         "best_throughput": throughput[best],
-        "latency": percentiles(latencies),
+        "latency": percentiles([a + b for a, b in split]),
+        # Medians in ms, to set beside the server's stages.
+        "stages": {
+            "preprocess": float(np.median([a for a, _ in split])) * 1000,
+            "inference": float(np.median([b for _, b in split])) * 1000,
+        },
     }
 
 
@@ -129,7 +141,7 @@ def _side_by_side_worker(
     images: Sequence[bytes], batch: int, seconds: float, barrier: Any, results: Any
 ) -> None:
     """One single-threaded in-process pipeline (see `side_by_side`)."""
-    backbone, run = _pipeline(1)
+    backbone, run, _ = _pipeline(1)
     run(images[:batch])  # warm-up
     barrier.wait()
     results.put(_images_per_s(run, images, batch, seconds))
@@ -204,17 +216,39 @@ def server_throughput(
     return counter[0] / wall
 
 
-def server_latency(address: str, inputs: DistinctInputs, count: int) -> dict[str, float]:
-    """One client, one new image per request, one request at a time."""
+def server_latency(address: str, inputs: DistinctInputs, count: int) -> dict[str, Any]:
+    """One client, one new image per request, one request at a time; with `stages`, the
+    medians (ms) of the server's own stage timings returned in each response beside the
+    client's wall time, and what lies outside them."""
     with Client(address) as c:
         c.extract(inputs.take(1), MODEL)
         samples = []
+        stages: dict[str, list[float]] = {}
         for _ in range(count):
             image = inputs.take(1)
             t0 = time.perf_counter()
-            c.extract(image, MODEL, layers="features", pooling="avg")
+            result = c.extract(image, MODEL, layers="features", pooling="avg")
             samples.append(time.perf_counter() - t0)
-    return percentiles(samples)
+            for stage, seconds in result.timings.items():
+                stages.setdefault(stage, []).append(seconds)
+    out: dict[str, Any] = percentiles(samples)
+    out["stages"] = stage_breakdown(samples, stages)
+    return out
+
+
+def stage_breakdown(walls: Sequence[float], stages: dict[str, list[float]]) -> dict[str, float]:
+    """Per-request medians in ms: the client's wall time, the server's stages, and two
+    remainders (each the median of the per-request differences): `rpc` = wall - the server's
+    total (gRPC both ways, message conversion, the client library), `handoffs` = total - its
+    stages (hashing, thread handoffs, pooling, response building)."""
+    wall = np.array(walls)
+    total = np.array(stages["total"])
+    inside = sum(np.array(v) for k, v in stages.items() if k != "total")
+    out = {k: float(np.median(v)) * 1000 for k, v in stages.items()}
+    out["wall"] = float(np.median(wall)) * 1000
+    out["rpc"] = float(np.median(wall - total)) * 1000
+    out["handoffs"] = float(np.median(total - inside)) * 1000
+    return out
 
 
 def stream_vs_unary(

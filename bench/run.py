@@ -73,6 +73,16 @@ def table(r: dict[str, Any]) -> str:
             f"{_f(lat['p99'] * 1e3)} (throughput config) | {_f(in_lat['p50'] * 1e3)} / "
             f"{_f(in_lat['p99'] * 1e3)} in-process | {x['latency_overhead_p50_ms']:+.1f} ms | |"
         )
+        stages, in_stages = lat.get("stages"), x["in_process"].get("stages")
+        if stages and in_stages:
+            rows.append(
+                "| where the lone request's time goes, medians ms | "
+                f"preprocess {_f(stages['preprocess'])}, queue {_f(stages['queue'])}, "
+                f"inference {_f(stages['inference'])}, cache {_f(stages['cache'])}, "
+                f"handoffs {_f(stages['handoffs'])}, rpc {_f(stages['rpc'])} | "
+                f"preprocess {_f(in_stages['preprocess'])}, inference "
+                f"{_f(in_stages['inference'])} in-process | | |"
+            )
         rows.append(
             f"| same, latency config (1 lane x all cores) | {_f(tuned['p50'] * 1e3)} / "
             f"{_f(tuned['p99'] * 1e3)} | same | {x['latency_tuned_overhead_p50_ms']:+.1f} ms | "
