@@ -28,8 +28,9 @@ from ._types import (
     image_input,
     model_ref,
 )
-from .tensor import fill_tensor, to_array, to_tensor
+from .tensor import encode, field_number, tensor_field, to_array, to_tensor
 
+_INDEX_SERVICE = index_pb2.DESCRIPTOR.services_by_name["IndexService"]
 METRICS = {
     "cosine": index_pb2.METRIC_COSINE,
     "ip": index_pb2.METRIC_INNER_PRODUCT,
@@ -315,9 +316,12 @@ class IndexAPI(ClientBase):
             ivf_nprobe=nprobe,
             packed=True,
         )
-        if vectors is not None:  # the batch form, filled in place
-            fill_tensor(request.vectors, _matrix(vectors))
-        return SearchResults.from_proto(self._call(self._index.Search, request, timeout))
+        if vectors is None:
+            return SearchResults.from_proto(self._call(self._index.Search, request, timeout))
+        # The batch form, its matrix spliced into the request's wire form (see tensor.encode).
+        method = self._encoded(_INDEX_SERVICE, "Search", index_pb2.SearchResponse)
+        payload = encode(request, tensor_field(field_number(request, "vectors"), _matrix(vectors)))
+        return SearchResults.from_proto(self._call(method, payload, timeout))
 
 
 __all__ = [

@@ -12,7 +12,9 @@ from embedwarden.v1 import embedding_pb2
 
 from ._base import ClientBase
 from ._types import CACHE_MODES, POOLINGS, ImageLike, ModelIdentity, image_input, model_ref
-from .tensor import to_tensor
+from .tensor import encode, field_number, message_field, tensor_field
+
+_EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
 
 VERDICTS = {
     embedding_pb2.VERDICT_PASS: "pass",
@@ -145,10 +147,17 @@ class VerifyAPI(ClientBase):
             layer=layer,
             pooling=POOLINGS[pooling],
             normalize=normalize,
-            inputs=[image_input(i) for i in images],
-            vectors=[to_tensor(v) for v in rows],
             pipeline=pipeline,
             cache=CACHE_MODES[cache],
             skip_diagnosis=not diagnose,
         )
-        return VerifyReport.from_proto(self._call(self._embedding.Verify, request, timeout))
+        # Inputs and vectors are spliced into the request's wire form (see tensor.encode): a
+        # request of 256 vectors and images serialized as one message cost ~4 ms more.
+        inputs, vectors_no = field_number(request, "inputs"), field_number(request, "vectors")
+        payload = encode(
+            request,
+            *(message_field(inputs, [image_input(i).SerializeToString()]) for i in images),
+            *(tensor_field(vectors_no, v) for v in rows),
+        )
+        method = self._encoded(_EMBEDDING_SERVICE, "Verify", embedding_pb2.VerifyResponse)
+        return VerifyReport.from_proto(self._call(method, payload, timeout))

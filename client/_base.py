@@ -101,6 +101,7 @@ class ClientBase:
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._index = index_pb2_grpc.IndexServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._encoded_methods: dict[str, Callable[..., Any]] = {}
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -112,6 +113,17 @@ class ClientBase:
 
     def close(self) -> None:
         self._channel.close()
+
+    def _encoded(self, service: Any, method: str, response: Any) -> Callable[..., Any]:
+        """`method` of `service` (a ServiceDescriptor) taking a request already in wire form
+        (`tensor.encode`), for `_call`; `response`: the response message class."""
+        path = f"/{service.full_name}/{method}"
+        call = self._encoded_methods.get(path)
+        if call is None:
+            call = self._encoded_methods[path] = self._channel.unary_unary(
+                path, request_serializer=None, response_deserializer=response.FromString
+            )
+        return call
 
     def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         try:
