@@ -10,7 +10,9 @@ searches. Then run the same queries, in batches of `--batch`, both ways:
 
 `ratio` = in-process QPS / server QPS (each the best of 5 alternating rounds): what gRPC,
 protobuf, validation, locking and id mapping cost on top of FAISS. recall@10 is measured
-against exact search (a flat index over the same vectors), for the server's answers. The
+against exact search (a flat index over the same vectors), for the server's answers.
+`per_batch_ms`: one batch's median latency through the server, in-process and as a no-op Ping
+of the same request and response sizes (see `transport_floor`). The
 vectors are clustered (`--clusters` centres; `--data`: see `synthetic`), unit length, cosine
 metric; queries are drawn from the same distribution (not stored). The server runs in its own
 process. Nothing is asserted: figures are printed, and written as JSON with `--json PATH`.
@@ -22,24 +24,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from _common import ServerProcess, machine, write_json
+from cache_bench import PING, equal_ping
 
 from embedwarden.client import Client
+from embedwarden.client.tensor import fill_tensor
 
 # Imported through the server's module so that FAISS runs with the same OpenMP settings.
 from embedwarden.server.index import faiss
+from embedwarden.v1 import index_pb2
 
 MODEL = "efficientnet_lite0"
 DIM = 1280  # its default layer (`features`, average-pooled)
 LATENT = 64
 ROUNDS = 5
+SEARCH = "/embedwarden.v1.IndexService/Search"
 # Index parameters: server defaults, except HNSW construction (M 16, efConstruction 40 instead
 # of 32 / 80) so that 100k x 1280 builds in about a minute on 2 cores.
 PARAMS: dict[str, dict[str, int]] = {
@@ -124,6 +132,43 @@ def best_qps(fns: dict[str, Any], batches: list[np.ndarray], seconds: float) -> 
     return best
 
 
+def _median_ms(fn: Any, calls: int) -> float:
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1000
+
+
+def transport_floor(
+    client: Client, name: str, batches: list[np.ndarray], k: int, fingerprint: str, inprocess: Any
+) -> dict[str, float]:
+    """Medians (ms) of one batch three ways, alternating: the server's Search, the same search
+    in-process, and a no-op Ping moving a request and a response as large as the Search's (the
+    transport's share, which no server work can remove). `ceiling` = the ratio the server would
+    reach if it added nothing but that Ping to FAISS."""
+    request = index_pb2.SearchRequest(collection=name, k=k, fingerprint=fingerprint, packed=True)
+    fill_tensor(request.vectors, batches[0])
+    raw = request.SerializeToString()
+    channel = grpc.insecure_channel(client.address)
+    search = channel.unary_unary(SEARCH)
+    response = search(raw)
+    ping = channel.unary_unary(PING)
+    echo = equal_ping(raw, response)
+    out = dict.fromkeys(("server", "inprocess", "ping"), float("inf"))
+    for _ in range(ROUNDS):  # each way's best round, as in best_qps
+        for way, fn in (
+            ("server", lambda: search(raw)),
+            ("inprocess", lambda: inprocess(batches[0])),
+            ("ping", lambda: ping(echo)),
+        ):
+            out[way] = min(out[way], _median_ms(fn, 40))
+    channel.close()
+    out["ceiling"] = out["inprocess"] / (out["inprocess"] + out["ping"])
+    return out
+
+
 def bench_kind(
     client: Client,
     data_dir: Path,
@@ -170,6 +215,14 @@ def bench_kind(
         batches,
         args.seconds,
     )
+    floor = transport_floor(
+        client,
+        name,
+        batches,
+        args.k,
+        fingerprint,
+        lambda b: index.search(b, args.k, params=params()),
+    )
     labels = np.concatenate([index.search(b, args.k, params=params())[1] for b in batches])
     answers = [
         r for b in batches for r in client.search(name, b, k=args.k, fingerprint=fingerprint).hits
@@ -187,6 +240,7 @@ def bench_kind(
         "ratio": qps["inprocess"] / qps["server"],
         "recall_at_10": recall(served, truth),
         "recall_at_10_inprocess": recall(labels, truth),
+        "per_batch_ms": floor,
     }
     client.delete_collection(name)
     return result

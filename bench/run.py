@@ -119,6 +119,13 @@ def table(r: dict[str, Any]) -> str:
             f"{k['server_qps'] / k['inprocess_qps']:.2f}x | "
             f"{'≥ 0.8, ' if kind == 'hnsw' else ''}recall@10 {k['recall_at_10']:.3f} |"
         )
+        b = k.get("per_batch_ms")
+        if b:
+            rows.append(
+                f"| same, one batch, median ms | {_f(b['server'], 2)} | {_f(b['inprocess'], 2)} "
+                f"in-process; a no-op Ping of the same bytes {_f(b['ping'], 2)} | "
+                f"{b['inprocess'] / b['server']:.2f}x (FAISS + Ping alone: {b['ceiling']:.2f}x) | |"
+            )
     v = r.get("verify", {})
     if v:
         rows.append(
