@@ -152,7 +152,7 @@ class VerifyAPI(ClientBase):
             skip_diagnosis=not diagnose,
         )
         # Inputs and vectors are spliced into the request's wire form (see tensor.encode): a
-        # request of 256 vectors and images serialized as one message cost ~4 ms more.
+        # request of 256 vectors and 256 small JPEGs cost 19 ms as one message, 5 ms spliced.
         inputs, vectors_no = field_number(request, "inputs"), field_number(request, "vectors")
         payload = encode(
             request,
