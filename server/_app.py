@@ -19,14 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from embedwarden.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    embedding_pb2,
-    embedding_pb2_grpc,
-    index_pb2,
-    index_pb2_grpc,
-)
+from embedwarden.v1 import admin_pb2, embedding_pb2, index_pb2
 
 from ._frameworks import available_cores, configure_process, plan_threads, resolve_device
 from ._metrics import METRICS
@@ -41,6 +34,7 @@ from .rpc import (
     EmbeddingServicer,
     IndexServicer,
     StreamSlots,
+    add_servicer,
     check_policy,
     interceptors,
     server_credentials,
@@ -50,11 +44,10 @@ from .verify import VerificationService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
-    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-    index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name,
-)
+EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+INDEX_SERVICE = index_pb2.DESCRIPTOR.services_by_name["IndexService"]
+SERVICE_NAMES = tuple(s.full_name for s in (EMBEDDING_SERVICE, ADMIN_SERVICE, INDEX_SERVICE))
 
 
 # SERVING once the startup loads were attempted, whatever their outcome, until shutdown: a
@@ -120,9 +113,9 @@ class Application:
             self.extraction, self.verification, self.models, self.registry, self.device, streams
         )
         admin = AdminServicer(self.models, self.registry, self.settings, self.cache, self.monitor)
-        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(embedding, server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
-        index_pb2_grpc.add_IndexServiceServicer_to_server(IndexServicer(self.index), server)
+        add_servicer(server, EMBEDDING_SERVICE, embedding)
+        add_servicer(server, ADMIN_SERVICE, admin)
+        add_servicer(server, INDEX_SERVICE, IndexServicer(self.index))
 
     def _close_components(self) -> None:
         """Flushes and closes the stores, after the last RPC finished."""

@@ -69,3 +69,13 @@ def test_single_item_responses_reuse_a_template_across_calls() -> None:
     for _ in range(4):
         items = [[Embedding("pooled", rng.standard_normal(384).astype(np.float32), "C", True)]]
         assert templated(items) == reference(items)
+
+
+def test_the_head_goes_first_and_the_whole_parses_as_one_response() -> None:
+    rng = np.random.default_rng(1)
+    items = [[Embedding("features", rng.standard_normal(64).astype(np.float32), "C", True)]] * 3
+    head = embedding_pb2.ExtractResponse(timings=embedding_pb2.Timings(total_seconds=0.25))
+    got = embedding_pb2.ExtractResponse.FromString(encode_items(items, head.SerializeToString()))
+    want = reference(items)
+    want.timings.total_seconds = 0.25
+    assert got == want

@@ -140,9 +140,11 @@ def identity(ident: ModelIdentity) -> types_pb2.ModelIdentity:
     )
 
 
-def extract_response(result: ExtractResult) -> embedding_pb2.ExtractResponse:
+def extract_response(result: ExtractResult) -> bytes:
+    """The ExtractResponse in wire form: its small fields serialized, then the items spliced
+    (`_wire`; answered as it is, see `_register`)."""
     t = result.timings
-    response = embedding_pb2.ExtractResponse(
+    head = embedding_pb2.ExtractResponse(
         model=identity(result.identity),
         timings=embedding_pb2.Timings(
             cache_seconds=t.cache,
@@ -152,8 +154,7 @@ def extract_response(result: ExtractResult) -> embedding_pb2.ExtractResponse:
             total_seconds=t.total,
         ),
     )
-    response.MergeFromString(encode_items(result.items))  # see `_wire`: 3x faster at 256
-    return response
+    return encode_items(result.items, head.SerializeToString())
 
 
 def model_summary(

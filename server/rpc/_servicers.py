@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from embedwarden.client.tensor import encode, field_number, message_field
 from embedwarden.v1 import admin_pb2, admin_pb2_grpc, embedding_pb2, embedding_pb2_grpc
 
 from .._errors import FailedPrecondition, InvalidInput, Overloaded
@@ -26,10 +27,13 @@ from ..serving import ExtractionService, ModelManager
 from ..verify import VerificationService
 from . import _convert as convert
 from . import _verify_convert as verify_convert
+from ._register import Encoded
 from ._status import describe, rpc_method, rpc_stream_method
 
 STREAM_WINDOW = 4  # stream messages processed concurrently; responses stay in order
 MAX_PING_RESPONSE_BYTES = 16 * 1024 * 1024
+_STREAM_RESPONSE = field_number(embedding_pb2.ExtractStreamResponse, "response")
+StreamReply = embedding_pb2.ExtractStreamResponse | Encoded
 
 
 def summarize(
@@ -83,9 +87,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.device = device
         self.streams = streams
 
-    async def _extract(
-        self, request: embedding_pb2.ExtractRequest
-    ) -> embedding_pb2.ExtractResponse:
+    async def _extract(self, request: embedding_pb2.ExtractRequest) -> bytes:
+        """The ExtractResponse, in wire form."""
         name, version = convert.model_ref(request.model, self.registry)
         options = convert.extract_options(request)
         sources = convert.image_sources(request.inputs)
@@ -93,19 +96,16 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         return convert.extract_response(result)
 
     @rpc_method("Extract")
-    async def Extract(
+    async def Extract(  # type: ignore[override]  # answers in wire form, see `_register`
         self, request: embedding_pb2.ExtractRequest, context: grpc.aio.ServicerContext
-    ) -> embedding_pb2.ExtractResponse:
-        return await self._extract(request)
+    ) -> Encoded:
+        return Encoded(await self._extract(request))
 
-    async def _stream_one(
-        self, message: embedding_pb2.ExtractStreamRequest
-    ) -> embedding_pb2.ExtractStreamResponse:
+    async def _stream_one(self, message: embedding_pb2.ExtractStreamRequest) -> StreamReply:
         try:
             response = await self._extract(message.request)
-            return embedding_pb2.ExtractStreamResponse(
-                request_id=message.request_id, response=response
-            )
+            head = embedding_pb2.ExtractStreamResponse(request_id=message.request_id)
+            return Encoded(encode(head, message_field(_STREAM_RESPONSE, [response])))
         except Exception as exc:  # domain errors and bugs alike: one message's error
             code, text = describe(exc)
             return embedding_pb2.ExtractStreamResponse(
@@ -114,13 +114,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             )
 
     @rpc_stream_method("ExtractStream")
-    async def ExtractStream(
+    async def ExtractStream(  # type: ignore[override]  # wire-form replies, see `_register`
         self,
         request_iterator: AsyncIterator[embedding_pb2.ExtractStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[embedding_pb2.ExtractStreamResponse]:
+    ) -> AsyncIterator[StreamReply]:
         async with self.streams.slot(context):
-            queue: asyncio.Queue[asyncio.Task[embedding_pb2.ExtractStreamResponse] | None]
+            queue: asyncio.Queue[asyncio.Task[StreamReply] | None]
             queue = asyncio.Queue(maxsize=STREAM_WINDOW)
 
             async def read() -> None:

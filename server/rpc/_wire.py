@@ -4,8 +4,8 @@ A batch of 256 cache hits used to spend more time setting protobuf fields one by
 reading LMDB. Here protobuf itself serializes one item per distinct item shape (layers, layouts,
 cached flags, array shapes and dtypes) with random placeholder data; the bytes around the
 placeholders are the template, and every item of that shape is the template's pieces with its
-arrays' bytes in between. The caller parses the result once (`MergeFromString`), so the
-response is an ordinary message; `tests/test_wire.py` checks it equals a field-by-field build.
+arrays' bytes in between. The bytes go out as they are (`_register.Encoded`); `tests/test_wire.py`
+checks that they parse equal to a field-by-field build.
 """
 
 from __future__ import annotations
@@ -85,12 +85,13 @@ def _data(array: np.ndarray) -> memoryview:
     return wire_layout(array).data
 
 
-def encode_items(items: Sequence[Sequence[Embedding]]) -> bytes:
-    """The `items` fields of an ExtractResponse, in order, in wire format."""
+def encode_items(items: Sequence[Sequence[Embedding]], head: bytes = b"") -> bytes:
+    """The `items` fields of an ExtractResponse, in order, in wire format, after `head` (the
+    response's other fields, serialized: joined here, so that the data is copied once)."""
     templates = _templates
     if len(templates) > MAX_TEMPLATES:
         templates.clear()
-    parts: list[bytes | memoryview] = []
+    parts: list[bytes | memoryview] = [head]
     add = parts.append
     for row in items:
         spec = tuple([(e.layer, e.layout, e.cached, e.array.shape, e.array.dtype) for e in row])
