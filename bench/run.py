@@ -56,6 +56,14 @@ def table(r: dict[str, Any]) -> str:
                     f"| cache-miss images/s, {n} client(s), {per} image(s)/request | {_f(v)} | "
                     f"{_f(best)} in-process ({best_cfg}) | {v / best:.2f}x | {target} |"
                 )
+        single = x["in_process"].get("best_single")
+        if single:
+            v = x["throughput_1_per_request"]["1"]
+            rows.append(
+                "| same, 1 client, 1 image/request, like for like | "
+                f"{_f(v)} | {_f(x['in_process']['throughput'][single])} in-process one image "
+                f"at a time ({single}) | {x['ratio_1_per_request_vs_single']:.2f}x | |"
+            )
         limit = x.get("side_by_side")
         if limit:
             for per in (1, 8):
@@ -82,6 +90,13 @@ def table(r: dict[str, Any]) -> str:
                 f"handoffs {_f(stages['handoffs'])}, rpc {_f(stages['rpc'])} | "
                 f"preprocess {_f(in_stages['preprocess'])}, inference "
                 f"{_f(in_stages['inference'])} in-process | | |"
+            )
+        floor = x.get("ping_floor")
+        if floor:
+            rows.append(
+                "| transport alone: no-op Ping of a lone request's sizes, p50 ms | "
+                f"{_f(floor['after_idle_ms'], 2)} after {_f(floor['idle_ms'], 0)} ms idle | "
+                f"{_f(floor['hot_ms'], 2)} back to back | | |"
             )
         rows.append(
             f"| same, latency config (1 lane x all cores) | {_f(tuned['p50'] * 1e3)} / "
