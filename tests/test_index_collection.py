@@ -301,3 +301,13 @@ def test_searches_never_see_half_a_batch(store, kind):
     assert len(seen) > 3  # the readers really saw many batches
     if kind.is_ivf:
         assert collection.engine.trained
+
+
+def test_a_label_without_a_name_is_never_returned(store):
+    # FAISS's selectors keep removed labels out of searches; should one come back anyway, with
+    # k beyond the size (FAISS pads with -1), its freed name (None) must not reach the hits.
+    collection = Collection.create(make_spec(IndexKind.FLAT), store)
+    collection.upsert(ids_of(5), clustered(5, 32, seed=3))
+    collection._name(np.array([collection.label_of["v2"]]), None)  # freed, still in FAISS
+    hits = collection.search(clustered(2, 32, seed=4), [], 10, SearchOverrides())
+    assert [sorted(i for i, _ in row) for row in hits.rows()] == [["v0", "v1", "v3", "v4"]] * 2
