@@ -6,14 +6,13 @@ The top floor below the wiring in `_app`: it may use every concern; no concern i
 """
 
 from ._index_servicer import IndexServicer
-from ._register import Encoded, add_servicer
+from ._register import add_servicer
 from ._security import check_policy, interceptors, new_token, server_credentials
 from ._servicers import AdminServicer, EmbeddingServicer, StreamSlots
 
 __all__ = [
     "AdminServicer",
     "EmbeddingServicer",
-    "Encoded",
     "IndexServicer",
     "StreamSlots",
     "add_servicer",

@@ -1,10 +1,10 @@
 """Servicers registered from their service descriptors; a handler may answer in wire form.
 
 The generated `add_*Servicer_to_server` functions serialize every response with protobuf. The
-Extract handler builds its response as bytes (`_wire`), and parsing those bytes into a message
-only for gRPC to serialize it again cost more than the rest of a 256-item cache hit: a parsed
-1.3 MB ExtractResponse takes ~1.9 ms to serialize (AMD EPYC), the same bytes spliced ~0.05 ms.
-Here a handler returns `Encoded` for a response already serialized, and it goes out as it is.
+Extract handler builds its response as bytes (`_wire`); parsing them into a message only for
+gRPC to serialize it again is skipped here: a handler returns `Encoded` for a response already
+serialized, and it goes out as it is (256 cache hits per request: 1.10x the embeddings/s in
+paired runs, AMD EPYC).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def _serializer(message_class: type[Message]) -> Callable[[Any], bytes]:
     serialize = message_class.SerializeToString
 
     def serialize_response(response: Message | Encoded) -> bytes:
-        if type(response) is Encoded:
+        if isinstance(response, Encoded):
             return response.data
-        return serialize(response)  # type: ignore[arg-type]
+        return serialize(response)
 
     return serialize_response
 
