@@ -268,7 +268,7 @@ def main() -> int:
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="index-bench-") as tmp:
-        data_dir = Path(tmp)
+        data_dir = Path(tmp) / "data"  # the server's port and log files go beside it, in tmp
         server = ServerProcess(
             data_dir, "--models", "", "--index-snapshot-interval-s", "1", "--log-level", "WARNING"
         ).start()

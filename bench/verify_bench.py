@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     to_verify = photo_jpegs(args.items, seed=2)
     vectors = np.random.default_rng(0).normal(size=(args.items, 1280)).astype(np.float32)
     with tempfile.TemporaryDirectory() as data:
-        server = ServerProcess(Path(data)).start()
+        server = ServerProcess(Path(data) / "data").start()  # port and log files in `data`
         try:
             report, verify_seconds, idle, busy = measure(
                 server.address, images, to_verify, vectors, args.seconds
