@@ -94,6 +94,40 @@ def test_batchnorm_in_training_mode_is_seen(resnet18):
         backbone.set_training("layer1.0.bn1", False)
 
 
+def test_cpu_passes_run_through_a_trace_identical_to_the_eager_extractor(resnet18):
+    _manifest, backbone, _ = resnet18
+    layers = ("layer3.1", "logits")
+    rng = np.random.default_rng(3)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        first = backbone.infer(x, layers)  # eager, then traced and checked against it
+        key = (layers, x.shape, torch.float32)
+        assert backbone._traces[key] is not None, "the trace was refused"
+        served = backbone.infer(x, layers)  # through the trace
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            eager = backbone._extractor(layers)(xt)
+        for name in layers:
+            np.testing.assert_array_equal(served[name], first[name])
+            np.testing.assert_array_equal(served[name], eager[name].numpy())
+
+
+def test_a_module_in_training_mode_turns_traces_off_until_it_is_back(resnet18):
+    _manifest, backbone, _ = resnet18
+    x = np.ones((1, 3, 224, 224), np.float32)
+    backbone.infer(x, ["layer1.0"])
+    assert backbone._traces
+    backbone.set_training("layer1.0.bn1", True)
+    try:
+        assert not backbone._traces
+        backbone.infer(x, ["layer1.0"])
+        assert not backbone._traces, "a trace would bake the eval-mode BatchNorm in"
+    finally:
+        backbone.set_training("layer1.0.bn1", False)
+    backbone.infer(x, ["layer1.0"])
+    assert backbone._traces
+
+
 def test_a_different_file_under_the_same_name_refuses_to_load(resnet18, tmp_path):
     manifest, _, path = resnet18
     seeded_torchvision_weights(tmp_path, "resnet18", "IMAGENET1K_V1", seed=2)

@@ -6,6 +6,11 @@ Intermediate layers come from `torchvision.models.feature_extraction.create_feat
   if any submodule is still training;
 - in-place ops (ReLU(inplace=True), `+=`, `relu_`) would overwrite a captured tensor: they are
   rewritten out of place in the model and in every traced graph.
+
+On CPU a pass runs through a TorchScript trace of its extractor when, and only when, the trace
+gave bit-identical outputs to the eager extractor on the first batch of that shape: the traced
+graph runs in C++ without taking the GIL for every module call, which lets two lanes and the
+decode threads share 2 cores better (1.14-1.46x images/s measured, EfficientNet-Lite0).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import io
 import logging
 import operator
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -58,6 +64,8 @@ _OUT_OF_PLACE_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     operator.itruediv: operator.truediv,
 }
 MAX_CACHED_EXTRACTORS = 16
+MAX_CACHED_TRACES = 64
+_Pass = Callable[[Any], dict[str, Any]]
 
 
 def build_module(arch: ArchitectureSpec) -> tuple[nn.Module, list[type[nn.Module]]]:
@@ -188,7 +196,10 @@ class TorchBackbone:
         self._nodes = {layer.name: layer.node for layer in manifest.layers}
         self._check_nodes()
         self._extractors: dict[tuple[str, ...], fx.GraphModule] = {}
+        # (layers, input shape, dtype) -> the verified trace, or None where eager must serve.
+        self._traces: dict[tuple[Any, ...], _Pass | None] = {}
         self._lock = threading.Lock()
+        self._trace_passes = not device.startswith("cuda")
 
     def _check_nodes(self) -> None:
         with FX_GUARD.trace():
@@ -232,9 +243,11 @@ class TorchBackbone:
     ) -> dict[str, np.ndarray]:
         key = tuple(sorted(set(layers)))
         extractor = self._extractor(key)  # may trace: before taking the forward guard
-        return run_torch_pass(lambda: self._forward(extractor, batch), threads)
+        return run_torch_pass(lambda: self._forward(key, extractor, batch), threads)
 
-    def _forward(self, extractor: fx.GraphModule, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward(
+        self, layers: tuple[str, ...], extractor: fx.GraphModule, batch: np.ndarray
+    ) -> dict[str, np.ndarray]:
         with FX_GUARD.forward(), torch.inference_mode():
             x = torch.from_numpy(batch)
             if self.device.startswith("cuda"):
@@ -243,11 +256,52 @@ class TorchBackbone:
                 x = x.contiguous(memory_format=torch.channels_last)
             if x.dtype is not self.dtype:
                 x = x.to(self.dtype)
-            outputs = extractor(x)
+            outputs = self._run(layers, extractor, x)
             return {
                 name: value.to(device="cpu", dtype=torch.float32).contiguous().numpy()
                 for name, value in outputs.items()
             }
+
+    def _run(self, layers: tuple[str, ...], extractor: fx.GraphModule, x: Any) -> dict[str, Any]:
+        """One pass: through the verified trace for this input shape where there is one."""
+        if not self._trace_passes:
+            return dict(extractor(x))
+        key = (layers, tuple(x.shape), x.dtype)
+        with self._lock:
+            known = key in self._traces
+            traced = self._traces.get(key)
+        if traced is not None:
+            return traced(x)
+        outputs: dict[str, Any] = extractor(x)
+        if not known:
+            self._remember_trace(key, extractor, x, outputs)
+        return outputs
+
+    def _remember_trace(
+        self, key: tuple[Any, ...], extractor: fx.GraphModule, x: Any, eager: dict[str, Any]
+    ) -> None:
+        """Traces `extractor` on `x` and keeps the trace only if it reproduces `eager` exactly."""
+        traced: _Pass | None = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.trace is deprecated (FutureWarning)
+                candidate = torch.jit.trace(extractor, x, check_trace=False, strict=False)
+            # Twice: the profiling executor optimises the graph after its first runs.
+            for _ in range(2):
+                outputs = candidate(x)
+                if outputs.keys() != eager.keys() or not all(
+                    torch.equal(outputs[name], eager[name]) for name in eager
+                ):
+                    raise ValueError("outputs differ from the eager extractor's")
+            traced = candidate
+        except Exception as exc:  # any failure keeps the eager pass
+            log.info("%s: layers %s served eagerly (%s)", self.manifest.ref, list(key[0]), exc)
+        with self._lock:
+            if not self._trace_passes:
+                return  # a module left eval mode meanwhile: the trace has eval mode baked in
+            if len(self._traces) >= MAX_CACHED_TRACES:
+                self._traces.pop(next(iter(self._traces)))
+            self._traces[key] = traced
 
     def state_checksum(self) -> str:
         return module_checksum(self.model)
@@ -260,11 +314,19 @@ class TorchBackbone:
         return names
 
     def set_training(self, module_name: str, training: bool) -> None:
-        self.model.get_submodule(module_name).train(training)
+        """Fault injection for the drift checks: traces bake eval mode in, so while any module
+        trains every pass runs eagerly."""
+        with self._lock:
+            self.model.get_submodule(module_name).train(training)
+            self._traces.clear()
+            self._trace_passes = not self.device.startswith("cuda") and not _training_submodules(
+                self.model
+            )
 
     def close(self) -> None:
         with self._lock:
             self._extractors.clear()
+            self._traces.clear()
         del self.model
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
