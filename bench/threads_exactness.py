@@ -29,12 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
     from skimage import data
 
-    from embedwarden.server import available_cores, build_registry
+    from embedwarden.server import available_cores, build_registry, process_flags
     from embedwarden.server.backbones import TorchBackbone
     from embedwarden.server.models import Preprocessor, read_verified
 
     cores = available_cores()
-    results: dict[str, Any] = {"machine": machine(), "threads": [1, cores], "models": {}}
+    mkl = process_flags()["mkl_reproducibility"]  # strict unless MKL_CBWR says otherwise
+    print(f"MKL reproducibility: {mkl}")
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "threads": [1, cores],
+        "mkl_reproducibility": mkl,
+        "models": {},
+    }
     for manifest in build_registry().all():
         if manifest.framework != "torch":
             continue

@@ -22,7 +22,13 @@ from ._errors import (
     Unavailable,
     WeightsVerificationError,
 )
-from ._frameworks import available_cores, configure_process, import_tensorflow, pass_threads
+from ._frameworks import (
+    available_cores,
+    configure_process,
+    import_tensorflow,
+    pass_threads,
+    process_flags,
+)
 from ._main import main
 from ._settings import Settings
 from ._settings import parse as parse_settings
@@ -54,5 +60,6 @@ __all__ = [
     "parse_manifest",
     "parse_settings",
     "pass_threads",
+    "process_flags",
     "serve",
 ]

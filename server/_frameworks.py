@@ -10,6 +10,7 @@ after TensorFlow in one process, so torch, torchvision and triton are always imp
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
@@ -29,7 +31,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# MKL's strict conditional numerical reproducibility: GEMM bytes that do not depend on the
+# thread count. On an Intel Xeon (AVX-512) MKL splits the reduction of small GEMMs between
+# threads: with EfficientNet-Lite's project convolutions as GEMMs (49 pixels x 1152 -> 320
+# channels at 7x7) 6 of efficientnet_lite0's 19 layers differed between 1 and 2 threads (|d| <=
+# 1.4e-5), so an idle server could not give a lone request both cores without changing a byte.
+# In strict mode (the CPU's best code path, reductions in a fixed order) every layer gave the
+# single-threaded bytes at 1 and 2 threads, batches 1 and 4; every feature layer kept the bytes
+# of MKL's default at 1 thread (logits moved by about one ulp), and a pass took as long (paired
+# runs, within 3%). MKL reads the mode once, at its first call: it is set before torch is
+# imported, and an explicit MKL_CBWR is left alone. Where MKL started earlier, the wide-pass
+# check still sees any difference and keeps that shape narrow.
+MKL_CBWR_STRICT = "AUTO,STRICT"
+_MKL_ALL = -1  # MKL_CBWR_ALL: every setting at once
+_MKL_STRICT_BIT = 0x10000  # MKL_CBWR_STRICT
+_MKL_BRANCHES = {1: "OFF", 2: "AUTO"}  # MKL_CBWR_BRANCH_OFF (MKL's default), MKL_CBWR_AUTO
+
+
 def import_torch() -> ModuleType:
+    os.environ.setdefault("MKL_CBWR", MKL_CBWR_STRICT)  # before MKL's first call
     import torch
     import torchvision  # noqa: F401  (loads its ops, and Triton, before any TensorFlow)
 
@@ -270,6 +290,7 @@ def process_flags() -> dict[str, str]:
         "pillow": PIL.__version__,
         "cuda": str(torch.version.cuda),
         "mkldnn": str(torch.backends.mkldnn.is_available()),
+        "mkl_reproducibility": mkl_reproducibility(Path(str(torch.__file__)).parent),
     }
     tf = sys.modules.get("tensorflow")
     if tf is not None:
@@ -285,3 +306,20 @@ def process_flags() -> dict[str, str]:
         flags["tf_op_determinism"] = _tf_op_determinism()
         flags["tf_tf32"] = str(tf.config.experimental.tensor_float_32_execution_enabled())
     return flags
+
+
+def mkl_reproducibility(torch_dir: Path) -> str:
+    """MKL's reproducibility mode as it runs ("AUTO,STRICT", "OFF", ...), read back from the
+    MKL inside torch's CPU library; "unknown" where that build has no MKL (e.g. ARM)."""
+    try:
+        get = ctypes.CDLL(str(torch_dir / "lib" / "libtorch_cpu.so")).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return "unknown"
+    get.argtypes = [ctypes.c_int]
+    get.restype = ctypes.c_int
+    settings = get(_MKL_ALL)
+    if settings < 0:  # an MKL error code
+        return "unknown"
+    branch = settings & 0xFFFF
+    name = _MKL_BRANCHES.get(branch, f"branch {branch}")
+    return f"{name},STRICT" if settings & _MKL_STRICT_BIT else name

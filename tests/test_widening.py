@@ -3,15 +3,19 @@ the bytes that the narrow (single-lane thread count) pass defines."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import make_settings
 
 from embedwarden.client import Client
-from embedwarden.server import build_registry, pass_threads
+from embedwarden.server import build_registry, pass_threads, process_flags
 from embedwarden.server._metrics import METRICS
 from embedwarden.server.backbones import TorchBackbone
 from embedwarden.server.models import Preprocessor, read_verified
@@ -123,9 +127,10 @@ def test_efficientnet_lite0_widens_exactly_where_one_and_two_threads_agree(
     photo_arrays: dict[str, np.ndarray],
 ) -> None:
     """The per-shape verdict is the truth on this CPU, and the served bytes are always the
-    narrow ones. Which way the verdict goes is the CPU's: with the pointwise GEMMs, every layer
-    agreed at batches 1 and 3 on an AMD EPYC, and 6 of 19 (from blocks.12, |d| <= 1.4e-5) did
-    not on an Intel Xeon (MKL splits those GEMMs by thread there), which then stays narrow."""
+    narrow ones. With MKL in strict reproducibility mode (the server's default) every layer
+    agrees at batches 1 and 3: on an AMD EPYC it did with the pointwise GEMMs alone, and on an
+    Intel Xeon, where MKL splits those GEMMs by thread, 6 of 19 layers (from blocks.12, |d| <=
+    1.4e-5) differed until strict mode; a shape that disagrees anywhere stays narrow."""
     from PIL import Image
 
     manifest = build_registry().resolve(MODEL)
@@ -147,6 +152,67 @@ def test_efficientnet_lite0_widens_exactly_where_one_and_two_threads_agree(
             assert served[name].tobytes() == narrow[name].tobytes(), f"batch {size}, {name}"
             assert again[name].tobytes() == narrow[name].tobytes(), f"batch {size}, {name}"
     assert checks == agreed
+    if process_flags()["mkl_reproducibility"] == "AUTO,STRICT":
+        assert all(agreed), "strict MKL, and still the bytes depend on the thread count"
+
+
+_EVERY_LAYER = """
+import sys
+import numpy as np
+from skimage import data
+from PIL import Image
+from embedwarden.server import build_registry, configure_process, process_flags
+from embedwarden.server.backbones import TorchBackbone
+from embedwarden.server.models import Preprocessor, read_verified
+configure_process(deterministic=True, torch_threads=int(sys.argv[1]))
+manifest = build_registry().resolve("efficientnet_lite0")
+backbone = TorchBackbone(manifest, read_verified(manifest)[1], "cpu")
+pre = Preprocessor(manifest.preprocess)
+batch = np.stack([pre(Image.fromarray(getattr(data, n)())) for n in ("chelsea", "coffee")])
+out = backbone.infer(batch, [layer.name for layer in manifest.layers])
+np.savez(sys.argv[2], **{name: np.asarray(array) for name, array in out.items()})
+print(process_flags()["mkl_reproducibility"])
+"""
+
+
+def _every_layer_in_a_fresh_process(
+    threads: int, mkl_cbwr: str | None, path: Path
+) -> tuple[str, dict[str, np.ndarray]]:
+    """(MKL's mode, every layer's output) from a new process: MKL reads its mode once per
+    process, at its first call."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    if mkl_cbwr is not None:
+        env["MKL_CBWR"] = mkl_cbwr
+    done = subprocess.run(
+        [sys.executable, "-c", _EVERY_LAYER, str(threads), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    with np.load(path) as saved:
+        return done.stdout.strip().splitlines()[-1], {name: saved[name] for name in saved.files}
+
+
+def test_strict_mkl_is_the_default_and_keeps_the_feature_layers_bytes(tmp_path: Path) -> None:
+    """Strict mode gives two threads the single-threaded bytes, and those are the bytes of
+    MKL's own default for every feature layer (so no embedding cached or recorded before it
+    moves). The classifier GEMM takes another path: `logits` moved by rounding, |d| 1.4e-6 at
+    magnitudes up to 11.4 (about one ulp), Intel Xeon. An explicit MKL_CBWR is the operator's
+    and is left alone ("" here: MKL's own default)."""
+    mode_one, one = _every_layer_in_a_fresh_process(1, None, tmp_path / "one.npz")
+    mode_two, two = _every_layer_in_a_fresh_process(2, None, tmp_path / "two.npz")
+    mode_default, default = _every_layer_in_a_fresh_process(1, "", tmp_path / "default.npz")
+    assert mode_one == mode_two == "AUTO,STRICT"
+    assert mode_default == "OFF"
+    assert one.keys() == two.keys() == default.keys()
+    for name in one:
+        assert one[name].tobytes() == two[name].tobytes(), name
+        if name != "logits":
+            assert one[name].tobytes() == default[name].tobytes(), name
+    scale = float(np.abs(default["logits"]).max())
+    assert np.abs(one["logits"] - default["logits"]).max() <= 1e-6 * scale
 
 
 def _wide_batches() -> float:

@@ -6,8 +6,10 @@ its thread count (oneDNN splits some reductions by thread). So the first wide ba
 shape and layer set runs twice, narrow and wide, and serves the narrow bytes; the shape runs
 wide from then on only if the two were identical, byte for byte. oneDNN and MKL pick blocking
 from the shape and the thread count, not from the values, so one comparison per shape
-decides it. `bench/threads_exactness.py` measures the same over every layer. A wide pass runs
-on the process's one team thread, whichever lane took the batch (`run_torch_pass` says why).
+decides it. `bench/threads_exactness.py` measures the same over every layer. MKL runs in strict
+reproducibility mode (`_frameworks.py`): that is what makes its GEMMs agree on an Intel Xeon. A
+wide pass runs on the process's one team thread, whichever lane took the batch (`run_torch_pass`
+says why).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .._frameworks import process_flags
 from ..backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -82,10 +85,12 @@ class WidePasses:
             )
         else:
             log.warning(
-                "%s: batches of shape %s differ on %d threads (layers %s): they stay narrow",
+                "%s: batches of shape %s differ on %d threads (layers %s; MKL reproducibility "
+                "%s): they stay narrow",
                 self.backbone.manifest.ref,
                 list(key[0]),
                 self.threads,
                 differing[:5],
+                process_flags().get("mkl_reproducibility"),
             )
         return narrow
