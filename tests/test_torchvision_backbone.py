@@ -3,6 +3,8 @@ intermediate layers through create_feature_extractor, eval mode, no in-place ove
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,38 @@ def test_cpu_passes_run_through_a_trace_identical_to_the_eager_extractor(resnet1
         for name in layers:
             np.testing.assert_array_equal(served[name], first[name])
             np.testing.assert_array_equal(served[name], eager[name].numpy())
+
+
+def test_lanes_meeting_a_new_shape_together_trace_it_once(resnet18, monkeypatch):
+    """A trace costs ~0.4 s of CPU; the lane that meets a shape second serves it eagerly
+    instead of tracing it again."""
+    _manifest, backbone, _ = resnet18
+    traced = []
+    real_trace = torch.jit.trace
+
+    def counting_trace(*args, **kwargs):
+        traced.append(threading.get_ident())
+        return real_trace(*args, **kwargs)
+
+    rng = np.random.default_rng(5)
+    backbone.infer(rng.standard_normal((1, 3, 64, 64)).astype(np.float32), ["layer2.0"])
+    monkeypatch.setattr(torch.jit, "trace", counting_trace)  # the extractor exists now
+    x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    start = threading.Barrier(2)
+    served: list[dict[str, np.ndarray]] = []
+
+    def lane() -> None:
+        start.wait()
+        served.append(backbone.infer(x, ["layer2.0"], threads=1))  # on this thread, as lanes
+
+    lanes = [threading.Thread(target=lane) for _ in range(2)]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join()
+    assert len(traced) == 1
+    assert backbone._traces[(("layer2.0",), x.shape, torch.float32)] is not None
+    np.testing.assert_array_equal(served[0]["layer2.0"], served[1]["layer2.0"])
 
 
 def test_a_module_in_training_mode_turns_traces_off_until_it_is_back(resnet18):

@@ -198,6 +198,7 @@ class TorchBackbone:
         self._extractors: dict[tuple[str, ...], fx.GraphModule] = {}
         # (layers, input shape, dtype) -> the verified trace, or None where eager must serve.
         self._traces: dict[tuple[Any, ...], _Pass | None] = {}
+        self._tracing: set[tuple[Any, ...]] = set()  # keys being traced now (~0.4 s each)
         self._lock = threading.Lock()
         self._trace_passes = not device.startswith("cuda")
 
@@ -268,13 +269,19 @@ class TorchBackbone:
             return dict(extractor(x))
         key = (layers, tuple(x.shape), x.dtype)
         with self._lock:
-            known = key in self._traces
+            known = key in self._traces or key in self._tracing
             traced = self._traces.get(key)
+            if not known:  # this pass traces; a lane meeting the shape meanwhile runs eagerly
+                self._tracing.add(key)
         if traced is not None:
             return traced(x)
         outputs: dict[str, Any] = extractor(x)
         if not known:
-            self._remember_trace(key, extractor, x, outputs)
+            try:
+                self._remember_trace(key, extractor, x, outputs)
+            finally:
+                with self._lock:
+                    self._tracing.discard(key)
         return outputs
 
     def _remember_trace(
