@@ -306,6 +306,22 @@ def test_a_batch_stays_narrow_while_admitted_inputs_are_still_on_their_way():
     assert run.wide == [False, True]
 
 
+def test_a_batch_stays_narrow_while_background_inputs_are_decoding():
+    """Between two chunks of a Verify its next inputs are decoding, queued nowhere yet: a
+    foreground batch then is not alone (a two-thread pass beside the decoding waits on its
+    preempted thread)."""
+    run = Recorder()
+    batcher = DynamicBatcher(
+        "m", run, max_batch_size=4, max_queue_delay_s=0, max_queue_items=10, workers=2, widen=True
+    )
+    with batcher.reserve(1), batcher.reserve(4, background=True):
+        batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
+    with batcher.reserve(1):
+        batcher.submit(np.zeros(1, np.float32), ["a"]).result(5)
+    batcher.close()
+    assert run.wide == [False, True]
+
+
 def test_cpu_batches_default_to_two_with_single_threaded_lanes() -> None:
     """A single-threaded pass of EfficientNet-Lite0 cost more per image at batch 4 than at 2
     (its activations outgrow the core's caches), so such lanes take batches of 2; an explicit
