@@ -172,8 +172,9 @@ class TorchBackbone:
     def __init__(self, manifest: Manifest, weights: bytes, device: str) -> None:
         self.manifest = manifest
         self.device = device
+        self.on_gpu = device.startswith("cuda")
         self.dtype = TORCH_DTYPES[manifest.numerics.dtype]
-        if self.dtype is torch.float16 and not device.startswith("cuda"):
+        if self.dtype is torch.float16 and not self.on_gpu:
             raise ManifestError(f"{manifest.ref}: float16 inference needs a CUDA device")
         model, self._leaf_modules = build_module(manifest.architecture)
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
@@ -200,7 +201,7 @@ class TorchBackbone:
         self._traces: dict[tuple[Any, ...], _Pass | None] = {}
         self._tracing: set[tuple[Any, ...]] = set()  # keys being traced now (~0.4 s each)
         self._lock = threading.Lock()
-        self._trace_passes = not device.startswith("cuda")
+        self._trace_passes = not self.on_gpu
 
     def _check_nodes(self) -> None:
         with FX_GUARD.trace():
@@ -251,7 +252,7 @@ class TorchBackbone:
     ) -> dict[str, np.ndarray]:
         with FX_GUARD.forward(), torch.inference_mode():
             x = torch.from_numpy(batch)
-            if self.device.startswith("cuda"):
+            if self.on_gpu:
                 x = x.pin_memory().to(self.device, non_blocking=True)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -326,16 +327,14 @@ class TorchBackbone:
         with self._lock:
             self.model.get_submodule(module_name).train(training)
             self._traces.clear()
-            self._trace_passes = not self.device.startswith("cuda") and not _training_submodules(
-                self.model
-            )
+            self._trace_passes = not self.on_gpu and not _training_submodules(self.model)
 
     def close(self) -> None:
         with self._lock:
             self._extractors.clear()
             self._traces.clear()
         del self.model
-        if self.device.startswith("cuda"):
+        if self.on_gpu:
             torch.cuda.empty_cache()
 
 
