@@ -11,6 +11,7 @@ after TensorFlow in one process, so torch, torchvision and triton are always imp
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ._settings import Settings
 
@@ -290,7 +291,7 @@ def process_flags() -> dict[str, str]:
         "pillow": PIL.__version__,
         "cuda": str(torch.version.cuda),
         "mkldnn": str(torch.backends.mkldnn.is_available()),
-        "mkl_reproducibility": mkl_reproducibility(Path(str(torch.__file__)).parent),
+        "mkl_reproducibility": mkl_reproducibility(),
     }
     tf = sys.modules.get("tensorflow")
     if tf is not None:
@@ -308,18 +309,26 @@ def process_flags() -> dict[str, str]:
     return flags
 
 
-def mkl_reproducibility(torch_dir: Path) -> str:
+def mkl_reproducibility() -> str:
     """MKL's reproducibility mode as it runs ("AUTO,STRICT", "OFF", ...), read back from the
     MKL inside torch's CPU library; "unknown" where that build has no MKL (e.g. ARM)."""
-    try:
-        get = ctypes.CDLL(str(torch_dir / "lib" / "libtorch_cpu.so")).mkl_serv_cbwr_get
-    except (OSError, AttributeError):
-        return "unknown"
-    get.argtypes = [ctypes.c_int]
-    get.restype = ctypes.c_int
-    settings = get(_MKL_ALL)
-    if settings < 0:  # an MKL error code
+    get = _mkl_cbwr_get()
+    settings = get(_MKL_ALL) if get is not None else -1
+    if settings < 0:  # no MKL, or an MKL error code
         return "unknown"
     branch = settings & 0xFFFF
     name = _MKL_BRANCHES.get(branch, f"branch {branch}")
     return f"{name},STRICT" if settings & _MKL_STRICT_BIT else name
+
+
+@functools.cache
+def _mkl_cbwr_get() -> Callable[[int], int] | None:
+    """`mkl_cbwr_get`, looked up once per process (the flags are read at every check)."""
+    library = Path(str(import_torch().__file__)).parent / "lib" / "libtorch_cpu.so"
+    try:
+        get = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    get.argtypes = [ctypes.c_int]
+    get.restype = ctypes.c_int
+    return cast(Callable[[int], int], get)

@@ -23,7 +23,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -66,6 +66,8 @@ _OUT_OF_PLACE_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
 MAX_CACHED_EXTRACTORS = 16
 MAX_CACHED_TRACES = 64
 _Pass = Callable[[Any], dict[str, Any]]
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def build_module(arch: ArchitectureSpec) -> tuple[nn.Module, list[type[nn.Module]]]:
@@ -235,9 +237,7 @@ class TorchBackbone:
                 training = _training_submodules(extractor)
                 if training:
                     raise RuntimeError(f"extractor submodules still training: {training[:5]}")
-                if len(self._extractors) >= MAX_CACHED_EXTRACTORS:
-                    self._extractors.pop(next(iter(self._extractors)))
-                self._extractors[layers] = extractor
+                _put_bounded(self._extractors, layers, extractor, MAX_CACHED_EXTRACTORS)
             return extractor
 
     def infer(
@@ -307,9 +307,7 @@ class TorchBackbone:
         with self._lock:
             if not self._trace_passes:
                 return  # a module left eval mode meanwhile: the trace has eval mode baked in
-            if len(self._traces) >= MAX_CACHED_TRACES:
-                self._traces.pop(next(iter(self._traces)))
-            self._traces[key] = traced
+            _put_bounded(self._traces, key, traced, MAX_CACHED_TRACES)
 
     def state_checksum(self) -> str:
         return module_checksum(self.model)
@@ -336,6 +334,13 @@ class TorchBackbone:
         del self.model
         if self.on_gpu:
             torch.cuda.empty_cache()
+
+
+def _put_bounded(cache: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Stores `value`, first dropping the oldest entry when `cache` holds `limit` already."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 def torch_graph_nodes(model: nn.Module, leaf_modules: list[type[nn.Module]]) -> list[str]:
