@@ -57,6 +57,7 @@ class Settings:
     min_free_disk_bytes: int = -1  # the cache leaves this free on its disk (-1: 1 GiB or 10%)
     cache_audit_fraction: float = 0.01
     cache_audit_max_per_s: float = 2.0  # recomputations per second at most (a budget, not a goal)
+    cache_commit_linger_ms: float = 100.0  # a lone cache write waits this long for company
     index_snapshot_interval_s: float = 60.0  # snapshot a changed collection at most this often
     check_interval_s: float = 300.0
     consistency_warn_only: bool = False
@@ -198,6 +199,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-audit-max-per-s",
         type=float,
         help="at most this many audit recomputations per second (default 2)",
+    )
+    a(
+        "--cache-commit-linger-ms",
+        type=float,
+        help="a cache write waits up to this long for others to share its commit (default 100; "
+        "0: commit at once)",
     )
     a(
         "--index-snapshot-interval-s",

@@ -39,6 +39,10 @@ def counter(name: str, labels: dict[str, str] | None = None) -> float:
     return METRICS.sample(name, labels) or 0.0
 
 
+def last_txn(cache: LmdbCache) -> int:
+    return int(cache.db.env.info()["last_txnid"])
+
+
 def test_a_tiny_bound_evicts_least_recently_used_and_never_fails(tmp_path):
     cache = LmdbCache(tmp_path / "c", MIB)  # the smallest bound
     evictions_before = counter("embedwarden_cache_evictions_total")
@@ -117,13 +121,79 @@ def test_writes_queued_meanwhile_commit_as_one_group(tmp_path):
         for b in range(10):  # ten requests' worth of misses while a commit is running
             keys = keys_for(cache, FP_A, 8 * b, 8)
             cache.store(FP_A, list(zip(keys, vectors(8, seed=b), strict=True)))
-        before = cache.db.env.info()["last_txnid"]
+        before = last_txn(cache)
         release.set()
         assert cache.flush(30)
-        assert cache.db.env.info()["last_txnid"] == before + 1  # one transaction, one fsync
+        assert last_txn(cache) == before + 1  # one transaction, one fsync
         assert cache.stats().entries == 80
     finally:
         cache.close()
+
+
+def test_lone_writes_arriving_apart_share_one_commit_and_a_flush_ends_the_wait(tmp_path):
+    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=30.0)
+    try:
+        before = last_txn(cache)
+        for b in range(3):  # three lone misses, 50 ms apart
+            keys = keys_for(cache, FP_A, 8 * b, 8)
+            cache.store(FP_A, list(zip(keys, vectors(8, seed=b), strict=True)))
+            time.sleep(0.05)
+        assert last_txn(cache) == before  # still waiting for company
+        assert cache.stats().pending_writes == 24
+        started = time.monotonic()
+        assert cache.flush(10)  # well before the 30 s linger is up
+        assert time.monotonic() - started < 10
+        assert last_txn(cache) == before + 1  # one transaction, one fsync, for all three
+        assert cache.stats().entries == 24
+    finally:
+        cache.close()
+
+
+def test_a_lingering_write_commits_when_its_linger_is_up(tmp_path):
+    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=0.3)
+    try:
+        keys = keys_for(cache, FP_A, 0, 4)
+        started = time.monotonic()
+        cache.store(FP_A, list(zip(keys, vectors(4), strict=True)))
+        while cache.stats().pending_writes:
+            assert time.monotonic() - started < 30, "the lingering write was never committed"
+            time.sleep(0.01)
+        assert time.monotonic() - started >= 0.29  # not before its linger was up
+        assert all(v is not None for v in cache.lookup(keys))
+    finally:
+        cache.close()
+
+
+def test_a_full_group_commits_without_lingering(tmp_path):
+    cache = LmdbCache(tmp_path / "c", 64 * MIB, max_group_bytes=64 * 1024, linger_s=60.0)
+    try:
+        keys = keys_for(cache, FP_A, 0, 16)  # 16 x 5 KiB: more than a group holds
+        started = time.monotonic()
+        cache.store(FP_A, list(zip(keys, vectors(16), strict=True)))
+        while cache.stats().pending_writes:
+            assert time.monotonic() - started < 30, "a full group waited out its linger"
+            time.sleep(0.01)
+        assert cache.stats().entries == 16
+    finally:
+        cache.close()
+
+
+def test_close_ends_a_linger_and_commits(tmp_path):
+    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=60.0)
+    keys = keys_for(cache, FP_A, 0, 8)
+    arrays = vectors(8)
+    cache.store(FP_A, list(zip(keys, arrays, strict=True)))
+    started = time.monotonic()
+    cache.close()
+    assert time.monotonic() - started < 30
+    reopened = LmdbCache(tmp_path / "c", 64 * MIB)
+    try:
+        found = reopened.lookup(keys)
+        assert all(
+            f is not None and f.tobytes() == a.tobytes() for f, a in zip(found, arrays, strict=True)
+        )
+    finally:
+        reopened.close()
 
 
 def test_close_commits_every_queued_write(tmp_path):

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_BYTES = 256 << 20  # queued writes, at most; also at most half the size bound
 MAX_GROUP_BYTES = 32 << 20  # one commit, at most; also at most 1/8 of the size bound
+# How long a lone write waits for others to share its commit (see `_writer`; the server's
+# `--cache-commit-linger-ms`). An entry becomes visible to lookups up to this much later; a
+# repeat within it is computed again, identically.
+COMMIT_LINGER_S = 0.1
 ENTRY_OVERHEAD = 128  # queue accounting per entry beyond its array
 TOUCH_BYTES = 48
 
@@ -83,6 +87,7 @@ class LmdbCache:
         max_pending_bytes: int | None = None,
         max_group_bytes: int | None = None,
         reserve: int | None = None,
+        linger_s: float = COMMIT_LINGER_S,
     ) -> None:
         """`reserve`: bytes to leave free on the filesystem (None: bounded by `max_bytes`)."""
         self.path = path
@@ -100,6 +105,7 @@ class LmdbCache:
             max_pending_bytes=max_pending_bytes or min(MAX_PENDING_BYTES, bound // 2),
             max_group_bytes=max_group_bytes or min(MAX_GROUP_BYTES, bound // 8),
             idle=self._maintain,
+            linger_s=linger_s,
         )
         self._update_gauges()
         log.info(
@@ -264,7 +270,12 @@ def open_cache(settings: Settings) -> LmdbCache | None:
     if not settings.cache_enabled:
         return None
     reserve = reserve_bytes(settings.data_dir, settings.min_free_disk_bytes)
-    return LmdbCache(settings.cache_dir, settings.cache_max_bytes, reserve=reserve)
+    return LmdbCache(
+        settings.cache_dir,
+        settings.cache_max_bytes,
+        reserve=reserve,
+        linger_s=settings.cache_commit_linger_ms / 1000,
+    )
 
 
 def verify_cache(path: Path) -> VerifyReport:

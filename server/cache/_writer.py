@@ -3,15 +3,20 @@
 `submit` never blocks and never raises: when the queue already holds its byte bound, the job is
 refused (the caller counts the dropped write). The thread takes every queued write job at once
 (up to a group bound) and commits them in one transaction, so a burst of misses costs one
-fsync per group rather than one per request. Control jobs (purge) run in queue order, after the
-writes queued before them. `close` drains the queue before it returns: a graceful shutdown
-loses nothing that was queued.
+fsync per group rather than one per request. Queued writes are committed once the oldest is
+`linger_s` old (sooner when the group is full), so that lone misses arriving one at a time share
+a commit too; each would otherwise pay a whole commit (~0.7 ms of CPU on a 2-core Intel Xeon
+VM, 25 ms apart, against ~0.02 ms per write in a group; the fsync and a thread woken cold), CPU
+that a busy server's passes need. `flush` and `close` end a linger at once. Control jobs
+(purge) run in queue order, after the writes queued before them. `close` drains the queue
+before it returns: a graceful shutdown loses nothing that was queued.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -41,14 +46,18 @@ class GroupCommitWriter:
         max_group_bytes: int,
         idle: Callable[[], None] | None = None,
         idle_s: float = 30.0,
+        linger_s: float = 0.0,
         name: str = "cache-writer",
     ) -> None:
         self._commit = commit
+        self._linger_s = linger_s
+        self._flushes = 0  # flush() calls waiting: no lingering meanwhile
         self._idle = idle
         self._idle_s = idle_s
         self.max_pending_bytes = max_pending_bytes
         self.max_group_bytes = max_group_bytes
         self._queue: deque[tuple[Any, int, int]] = deque()  # job, bytes, items
+        self._oldest_at = 0.0  # when the oldest queued job was queued (monotonic)
         self._cond = threading.Condition()
         self._pending_bytes = 0
         self._pending_items = 0
@@ -67,10 +76,17 @@ class GroupCommitWriter:
         with self._cond:
             if self._closing or self._pending_bytes + nbytes > self.max_pending_bytes:
                 return False
+            was_empty = not self._queue
+            if was_empty:
+                self._oldest_at = time.monotonic()
             self._queue.append((job, nbytes, items))
             self._pending_bytes += nbytes
             self._pending_items += items
-            self._cond.notify_all()  # flush() waits on the same condition: wake the writer too
+            # Wake the writer when it waits for work, or when a lingering group is full; every
+            # other write just joins the group (waking a lingering writer costs as much CPU as
+            # the commit it saves). notify_all: flush() waits on the same condition.
+            if was_empty or self._pending_bytes >= self.max_group_bytes:
+                self._cond.notify_all()
         return True
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
@@ -80,6 +96,8 @@ class GroupCommitWriter:
             if self._closing:
                 control.future.set_exception(RuntimeError("the cache writer is closed"))
                 return control.future
+            if not self._queue:
+                self._oldest_at = time.monotonic()
             self._queue.append((control, 0, 0))
             self._cond.notify_all()
         return control.future
@@ -87,7 +105,12 @@ class GroupCommitWriter:
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until everything queued so far is committed; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            self._flushes += 1
+            self._cond.notify_all()  # a lingering group goes now
+            try:
+                return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            finally:
+                self._flushes -= 1
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuses new jobs, commits every queued one, stops the thread."""
@@ -111,6 +134,8 @@ class GroupCommitWriter:
                         log.exception("cache maintenance failed")
                     finally:
                         self._cond.acquire()
+            if self._linger_s > 0:
+                self._linger()
             self._busy = True
             if isinstance(self._queue[0][0], _Control):
                 return [], 0, 0, self._queue.popleft()[0]
@@ -124,6 +149,19 @@ class GroupCommitWriter:
                 size += nbytes
                 items += n
             return group, size, items, None
+
+    def _linger(self) -> None:
+        """Waits (lock held) until the oldest queued write is `linger_s` old, for more writes to
+        join it, unless the group is full, a control job is queued, or a flush or close waits."""
+        deadline = self._oldest_at + self._linger_s
+        while (
+            not self._closing
+            and not self._flushes
+            and self._pending_bytes < self.max_group_bytes
+            and not isinstance(self._queue[-1][0], _Control)
+            and (remaining := deadline - time.monotonic()) > 0
+        ):
+            self._cond.wait(remaining)
 
     def _run(self) -> None:
         while True:
