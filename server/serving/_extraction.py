@@ -7,10 +7,11 @@ Nothing here knows about gRPC: the servicer converts messages to these types and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
@@ -362,20 +363,49 @@ class ExtractionService:
         layers: list[str],
         background: bool,
     ) -> tuple[ItemOutput, float]:
+        """Decodes on the pool, whose thread then queues the tensor for inference itself: the
+        loop wakes once, for the output, rather than also between decoding and the batcher."""
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
+        done: asyncio.Future[tuple[ItemOutput, float]] = loop.create_future()
+        queued: list[Future[ItemOutput]] = []
 
-        def prepare() -> tuple[np.ndarray, float]:
+        def fail(exc: BaseException) -> None:  # on the loop
+            if not done.done():  # else cancelled meanwhile
+                done.set_exception(exc)
+
+        def deliver(output: Future[ItemOutput], prep_s: float) -> None:  # on the loop
+            if done.done():
+                return
+            if output.cancelled():
+                done.cancel()
+            elif (exc := output.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result((output.result(), prep_s))
+
+        def decode_and_queue() -> None:  # on a pool thread
             t0 = time.perf_counter()
             try:
                 tensor = model.preprocessor.prepare(source, max_pixels)
-            except InvalidInput as exc:
-                raise type(exc)(f"inputs[{index}]: {exc}") from None
-            return tensor, time.perf_counter() - t0
+                prep_s = time.perf_counter() - t0
+                output = model.batcher.submit(tensor, layers, background)
+            except BaseException as exc:  # delivered to the request, whatever it is
+                if isinstance(exc, InvalidInput):
+                    exc = type(exc)(f"inputs[{index}]: {exc}")
+                _call_on(loop, fail, exc)
+                return
+            queued.append(output)
+            output.add_done_callback(lambda f: _call_on(loop, deliver, f, prep_s))
 
-        tensor, prep_seconds = await loop.run_in_executor(self.executor, prepare)
-        output = await asyncio.wrap_future(model.batcher.submit(tensor, layers, background))
-        return output, prep_seconds
+        decoding = self.executor.submit(decode_and_queue)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            decoding.cancel()  # not started yet: never decoded
+            for output in queued:
+                output.cancel()  # still queued: never run
+            raise
 
 
 def check_modality(model: LoadedModel, sources: Sequence[InputSource]) -> None:
@@ -388,6 +418,12 @@ def check_modality(model: LoadedModel, sources: Sequence[InputSource]) -> None:
                 f"inputs[{i}] is {got}; {model.identity.ref} is a{'' if text else 'n'} {want} "
                 f"model: send {'`text`' if text else '`encoded` or `raw` images'}"
             )
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """`fn(*args)` on `loop` from another thread; nothing when the loop has closed (shutdown)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 async def _gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
