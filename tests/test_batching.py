@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from embedwarden.server import Overloaded, Unavailable
+from embedwarden.server import InvalidInput, Overloaded, Unavailable
+from embedwarden.server._settings import Settings
 from embedwarden.server.serving._batching import DynamicBatcher
+from embedwarden.server.serving._extraction import ExtractionService
 
 
 def _wait_until(condition, timeout: float = 5.0) -> None:
@@ -334,3 +339,73 @@ def test_cpu_batches_default_to_two_with_single_threaded_lanes() -> None:
     assert plan_threads(Settings(inference_lanes=1, torch_threads=2), "cpu").max_batch_size == 4
     assert plan_threads(Settings(torch_threads=1, max_batch_size=8), "cpu").max_batch_size == 8
     assert plan_threads(Settings(), "cuda").max_batch_size == 32
+
+
+class Decoder:
+    """A preprocessor stand-in: records each input it decodes; b"bad" is refused."""
+
+    def __init__(self) -> None:
+        self.decoded: list[bytes] = []
+
+    def prepare(self, source: bytes, max_pixels: int) -> np.ndarray:
+        if source == b"bad":
+            raise InvalidInput("not an image")
+        self.decoded.append(source)
+        return np.ones((2,), np.float32)
+
+
+def _computing(pool: ThreadPoolExecutor, run: Recorder) -> tuple[ExtractionService, object]:
+    batcher = DynamicBatcher("m", run, max_batch_size=4, max_queue_delay_s=0, max_queue_items=8)
+    model = SimpleNamespace(preprocessor=Decoder(), batcher=batcher)
+    # One item's path needs only the settings, the pool and the model's decoder and batcher.
+    return ExtractionService(None, Settings(), pool, None, None), model  # type: ignore[arg-type]
+
+
+def test_a_decoded_input_goes_to_the_batcher_without_waiting_for_the_event_loop():
+    """The pool thread that decodes an input queues it for inference itself: a loop busy with
+    other work meanwhile holds back neither the batch nor its two-thread pass (the loop woke
+    just as the pass started, when it did the queueing)."""
+    run = Recorder()
+    ran_at: list[float] = []
+
+    def timed(batch: np.ndarray, layers: Sequence[str], wide: bool = False):
+        ran_at.append(time.monotonic())
+        return run(batch, layers, wide)
+
+    with ThreadPoolExecutor(1) as pool:
+        service, model = _computing(pool, timed)  # type: ignore[arg-type]
+
+        async def main() -> float:
+            task = asyncio.ensure_future(service._compute(model, 0, b"x", ["a"], False))  # type: ignore[arg-type]
+            await asyncio.sleep(0)  # the task hands its input to the pool
+            time.sleep(0.5)  # the loop busy elsewhere
+            resumed = time.monotonic()
+            output, _ = await task
+            np.testing.assert_array_equal(output.outputs["a"], np.ones((2,), np.float32))
+            return resumed
+
+        resumed = asyncio.run(main())
+        model.batcher.close()  # type: ignore[attr-defined]
+    assert len(ran_at) == 1 and ran_at[0] < resumed
+
+
+def test_one_items_decode_error_and_cancellation_reach_its_request():
+    run = Recorder()
+    gate = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        service, model = _computing(pool, run)  # type: ignore[arg-type]
+
+        async def main() -> None:
+            with pytest.raises(InvalidInput, match=r"inputs\[3\]: not an image"):
+                await service._compute(model, 3, b"bad", ["a"], False)  # type: ignore[arg-type]
+            pool.submit(gate.wait)  # the pool busy: the next input waits for a thread
+            task = asyncio.ensure_future(service._compute(model, 0, b"late", ["a"], False))  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.set()
+
+        asyncio.run(main())
+    model.batcher.close()  # type: ignore[attr-defined]
+    assert model.preprocessor.decoded == [] and run.batches == []  # type: ignore[attr-defined]
