@@ -43,6 +43,29 @@ def last_txn(cache: LmdbCache) -> int:
     return int(cache.db.env.info()["last_txnid"])
 
 
+def store_batch(cache: LmdbCache, b: int) -> None:
+    """Batch `b` of 8 entries, as one request's misses queue them."""
+    keys = keys_for(cache, FP_A, 8 * b, 8)
+    cache.store(FP_A, list(zip(keys, vectors(8, seed=b), strict=True)))
+
+
+def wait_committed(cache: LmdbCache, started: float, what: str) -> None:
+    while cache.stats().pending_writes:
+        assert time.monotonic() - started < 30, what
+        time.sleep(0.01)
+
+
+def assert_reopened_holds(path: Path, keys: list[bytes], arrays: list[np.ndarray]) -> None:
+    reopened = LmdbCache(path, 64 * MIB)
+    try:
+        found = reopened.lookup(keys)
+        assert all(
+            f is not None and f.tobytes() == a.tobytes() for f, a in zip(found, arrays, strict=True)
+        )
+    finally:
+        reopened.close()
+
+
 def test_a_tiny_bound_evicts_least_recently_used_and_never_fails(tmp_path):
     cache = LmdbCache(tmp_path / "c", MIB)  # the smallest bound
     evictions_before = counter("embedwarden_cache_evictions_total")
@@ -119,8 +142,7 @@ def test_writes_queued_meanwhile_commit_as_one_group(tmp_path):
         release = threading.Event()
         cache._writer.call(release.wait)
         for b in range(10):  # ten requests' worth of misses while a commit is running
-            keys = keys_for(cache, FP_A, 8 * b, 8)
-            cache.store(FP_A, list(zip(keys, vectors(8, seed=b), strict=True)))
+            store_batch(cache, b)
         before = last_txn(cache)
         release.set()
         assert cache.flush(30)
@@ -135,8 +157,7 @@ def test_lone_writes_arriving_apart_share_one_commit_and_a_flush_ends_the_wait(t
     try:
         before = last_txn(cache)
         for b in range(3):  # three lone misses, 50 ms apart
-            keys = keys_for(cache, FP_A, 8 * b, 8)
-            cache.store(FP_A, list(zip(keys, vectors(8, seed=b), strict=True)))
+            store_batch(cache, b)
             time.sleep(0.05)
         assert last_txn(cache) == before  # still waiting for company
         assert cache.stats().pending_writes == 24
@@ -155,9 +176,7 @@ def test_a_lingering_write_commits_when_its_linger_is_up(tmp_path):
         keys = keys_for(cache, FP_A, 0, 4)
         started = time.monotonic()
         cache.store(FP_A, list(zip(keys, vectors(4), strict=True)))
-        while cache.stats().pending_writes:
-            assert time.monotonic() - started < 30, "the lingering write was never committed"
-            time.sleep(0.01)
+        wait_committed(cache, started, "the lingering write was never committed")
         assert time.monotonic() - started >= 0.29  # not before its linger was up
         assert all(v is not None for v in cache.lookup(keys))
     finally:
@@ -170,9 +189,7 @@ def test_a_full_group_commits_without_lingering(tmp_path):
         keys = keys_for(cache, FP_A, 0, 16)  # 16 x 5 KiB: more than a group holds
         started = time.monotonic()
         cache.store(FP_A, list(zip(keys, vectors(16), strict=True)))
-        while cache.stats().pending_writes:
-            assert time.monotonic() - started < 30, "a full group waited out its linger"
-            time.sleep(0.01)
+        wait_committed(cache, started, "a full group waited out its linger")
         assert cache.stats().entries == 16
     finally:
         cache.close()
@@ -186,14 +203,7 @@ def test_close_ends_a_linger_and_commits(tmp_path):
     started = time.monotonic()
     cache.close()
     assert time.monotonic() - started < 30
-    reopened = LmdbCache(tmp_path / "c", 64 * MIB)
-    try:
-        found = reopened.lookup(keys)
-        assert all(
-            f is not None and f.tobytes() == a.tobytes() for f, a in zip(found, arrays, strict=True)
-        )
-    finally:
-        reopened.close()
+    assert_reopened_holds(tmp_path / "c", keys, arrays)
 
 
 def test_close_commits_every_queued_write(tmp_path):
@@ -207,14 +217,7 @@ def test_close_commits_every_queued_write(tmp_path):
     assert cache.stats().pending_writes == 64
     threading.Timer(0.2, release.set).start()
     cache.close()  # waits for the writer, which drains the queue
-    reopened = LmdbCache(tmp_path / "c", 64 * MIB)
-    try:
-        found = reopened.lookup(keys)
-        assert all(
-            f is not None and f.tobytes() == a.tobytes() for f, a in zip(found, arrays, strict=True)
-        )
-    finally:
-        reopened.close()
+    assert_reopened_holds(tmp_path / "c", keys, arrays)
 
 
 def test_a_cache_of_another_format_version_is_cleared_on_open(tmp_path):
