@@ -195,6 +195,18 @@ def test_a_full_group_commits_without_lingering(tmp_path):
         cache.close()
 
 
+def test_a_control_job_queued_among_lingering_writes_runs_without_waiting(tmp_path):
+    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=60.0)
+    try:
+        store_batch(cache, 0)
+        control = cache._writer.call(lambda: cache.stats().entries)  # as a purge is queued
+        store_batch(cache, 1)  # and a write after it
+        assert control.result(timeout=30) == 8  # the write before it committed, then it ran
+        assert cache.flush(30) and cache.stats().entries == 16
+    finally:
+        cache.close()
+
+
 def test_close_ends_a_linger_and_commits(tmp_path):
     cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=60.0)
     keys = keys_for(cache, FP_A, 0, 8)

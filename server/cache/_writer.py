@@ -58,6 +58,7 @@ class GroupCommitWriter:
         self.max_group_bytes = max_group_bytes
         self._queue: deque[tuple[Any, int, int]] = deque()  # job, bytes, items
         self._oldest_at = 0.0  # when the oldest queued job was queued (monotonic)
+        self._controls = 0  # control jobs queued: a group that lingers would hold them up
         self._cond = threading.Condition()
         self._pending_bytes = 0
         self._pending_items = 0
@@ -99,6 +100,7 @@ class GroupCommitWriter:
             if not self._queue:
                 self._oldest_at = time.monotonic()
             self._queue.append((control, 0, 0))
+            self._controls += 1
             self._cond.notify_all()
         return control.future
 
@@ -138,6 +140,7 @@ class GroupCommitWriter:
                 self._linger()
             self._busy = True
             if isinstance(self._queue[0][0], _Control):
+                self._controls -= 1
                 return [], 0, 0, self._queue.popleft()[0]
             group: list[Any] = []
             size = items = 0
@@ -158,7 +161,7 @@ class GroupCommitWriter:
             not self._closing
             and not self._flushes
             and self._pending_bytes < self.max_group_bytes
-            and not isinstance(self._queue[-1][0], _Control)
+            and not self._controls
             and (remaining := deadline - time.monotonic()) > 0
         ):
             self._cond.wait(remaining)
