@@ -141,6 +141,13 @@ def table(r: dict[str, Any]) -> str:
                 f"in-process; a no-op Ping of the same bytes {_f(b['ping'], 2)} | "
                 f"{b['inprocess'] / b['server']:.2f}x (FAISS + Ping alone: {b['ceiling']:.2f}x) | |"
             )
+        if b and "inprocess_after_rpc" in b:
+            after = b["inprocess_after_rpc"]
+            rows.append(
+                f"| same, in-process FAISS timed right after a no-op Ping, median ms | "
+                f"{_f(b['server'], 2)} | {_f(after, 2)} (back to back {_f(b['inprocess'], 2)}) | "
+                f"{(after + b['ping']) / b['server']:.2f}x (that + Ping) | |"
+            )
     v = r.get("verify", {})
     if v:
         rows.append(
