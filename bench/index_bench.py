@@ -132,9 +132,12 @@ def best_qps(fns: dict[str, Any], batches: list[np.ndarray], seconds: float) -> 
     return best
 
 
-def _median_ms(fn: Any, calls: int) -> float:
+def _median_ms(fn: Any, calls: int, before: Any = None) -> float:
+    """Median ms of `fn`; with `before`, each call runs right after `before()` (not timed)."""
     samples = []
     for _ in range(calls):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
@@ -166,25 +169,13 @@ def transport_floor(
             ("ping", lambda: ping(echo)),
         ):
             out[way] = min(out[way], _median_ms(fn, 40))
-        out["inprocess_after_rpc"] = min(
-            out["inprocess_after_rpc"], _after_ms(lambda: ping(echo), lambda: inprocess(batches[0]))
-        )
+        # In-process FAISS as a server runs it: right after an RPC, not back to back (2-core
+        # Intel Xeon VM: a 64-query HNSW search took 1.2-1.3x as long after a no-op Ping).
+        after = _median_ms(lambda: inprocess(batches[0]), 40, before=lambda: ping(echo))
+        out["inprocess_after_rpc"] = min(out["inprocess_after_rpc"], after)
     channel.close()
     out["ceiling"] = out["inprocess"] / (out["inprocess"] + out["ping"])
     return out
-
-
-def _after_ms(before: Any, fn: Any, calls: int = 40) -> float:
-    """Median ms of `fn` alone, each call right after `before`: in-process FAISS as a server
-    runs it, after an RPC rather than back to back (2-core Intel Xeon VM: a 64-query HNSW search
-    right after a no-op Ping took 1.2-1.3x as long as back to back)."""
-    samples = []
-    for _ in range(calls):
-        before()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1000
 
 
 def bench_kind(

@@ -10,7 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,10 +46,20 @@ def last_txn(cache: LmdbCache) -> int:
     return int(cache.db.env.info()["last_txnid"])
 
 
-def store_batch(cache: LmdbCache, b: int) -> None:
-    """Batch `b` of 8 entries, as one request's misses queue them."""
-    keys = keys_for(cache, FP_A, 8 * b, 8)
-    cache.store(FP_A, list(zip(keys, vectors(8, seed=b), strict=True)))
+def store_batch(cache: LmdbCache, b: int, n: int = 8) -> list[bytes]:
+    """Batch `b` of `n` entries, as one request's misses queue them; their keys."""
+    keys = keys_for(cache, FP_A, n * b, n)
+    cache.store(FP_A, list(zip(keys, vectors(n, seed=b), strict=True)))
+    return keys
+
+
+@contextmanager
+def opened(tmp_path: Path, **options: Any) -> Iterator[LmdbCache]:
+    cache = LmdbCache(tmp_path / "c", 64 * MIB, **options)
+    try:
+        yield cache
+    finally:
+        cache.close()
 
 
 def wait_committed(cache: LmdbCache, started: float, what: str) -> None:
@@ -153,8 +166,7 @@ def test_writes_queued_meanwhile_commit_as_one_group(tmp_path):
 
 
 def test_lone_writes_arriving_apart_share_one_commit_and_a_flush_ends_the_wait(tmp_path):
-    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=30.0)
-    try:
+    with opened(tmp_path, linger_s=30.0) as cache:
         before = last_txn(cache)
         for b in range(3):  # three lone misses, 50 ms apart
             store_batch(cache, b)
@@ -166,45 +178,32 @@ def test_lone_writes_arriving_apart_share_one_commit_and_a_flush_ends_the_wait(t
         assert time.monotonic() - started < 10
         assert last_txn(cache) == before + 1  # one transaction, one fsync, for all three
         assert cache.stats().entries == 24
-    finally:
-        cache.close()
 
 
 def test_a_lingering_write_commits_when_its_linger_is_up(tmp_path):
-    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=0.3)
-    try:
-        keys = keys_for(cache, FP_A, 0, 4)
+    with opened(tmp_path, linger_s=0.3) as cache:
         started = time.monotonic()
-        cache.store(FP_A, list(zip(keys, vectors(4), strict=True)))
+        keys = store_batch(cache, 0, 4)
         wait_committed(cache, started, "the lingering write was never committed")
         assert time.monotonic() - started >= 0.29  # not before its linger was up
         assert all(v is not None for v in cache.lookup(keys))
-    finally:
-        cache.close()
 
 
 def test_a_full_group_commits_without_lingering(tmp_path):
-    cache = LmdbCache(tmp_path / "c", 64 * MIB, max_group_bytes=64 * 1024, linger_s=60.0)
-    try:
-        keys = keys_for(cache, FP_A, 0, 16)  # 16 x 5 KiB: more than a group holds
+    with opened(tmp_path, max_group_bytes=64 * 1024, linger_s=60.0) as cache:
         started = time.monotonic()
-        cache.store(FP_A, list(zip(keys, vectors(16), strict=True)))
+        store_batch(cache, 0, 16)  # 16 x 5 KiB: more than a group holds
         wait_committed(cache, started, "a full group waited out its linger")
         assert cache.stats().entries == 16
-    finally:
-        cache.close()
 
 
 def test_a_control_job_queued_among_lingering_writes_runs_without_waiting(tmp_path):
-    cache = LmdbCache(tmp_path / "c", 64 * MIB, linger_s=60.0)
-    try:
+    with opened(tmp_path, linger_s=60.0) as cache:
         store_batch(cache, 0)
         control = cache._writer.call(lambda: cache.stats().entries)  # as a purge is queued
         store_batch(cache, 1)  # and a write after it
         assert control.result(timeout=30) == 8  # the write before it committed, then it ran
         assert cache.flush(30) and cache.stats().entries == 16
-    finally:
-        cache.close()
 
 
 def test_close_ends_a_linger_and_commits(tmp_path):

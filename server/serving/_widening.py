@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .._frameworks import process_flags
+from .._frameworks import mkl_reproducibility
 from ..backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,6 @@ class WidePasses:
                 list(key[0]),
                 self.threads,
                 differing[:5],
-                process_flags().get("mkl_reproducibility"),
+                mkl_reproducibility(),
             )
         return narrow
